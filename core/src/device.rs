@@ -1,0 +1,156 @@
+//! The block-device trait that every layer of the data path speaks, and the
+//! one range check that frontends apply at the edge.
+//!
+//! The trait is deliberately narrow and protocol-neutral: byte offsets and
+//! lengths, a handful of operations, capability probes whose defaults say
+//! "unsupported". Frontend specifics (NBD flags, SCSI sense) stay in the
+//! frontends; store specifics (layers, checksums) stay in the replica.
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+use crate::error::{Error, ErrorKind, Op, Result};
+
+/// The unit of allocation, checksumming and replication ordering.
+pub const BLOCK_SIZE: u32 = 4096;
+
+/// Largest single read or write the data path accepts (frontends split or
+/// refuse larger requests).
+pub const MAX_IO_BYTES: u32 = 32 * 1024 * 1024;
+
+/// What a device can do. Frontends advertise exactly these, nothing more.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// FLUSH makes completed writes durable.
+    pub flush: bool,
+    /// Per-write force-unit-access is honoured.
+    pub fua: bool,
+    /// TRIM releases space.
+    pub trim: bool,
+    /// WRITE_ZEROES is efficient (no data transfer).
+    pub write_zeroes: bool,
+    /// WRITE_ZEROES never falls back to writing zero buffers, so a
+    /// "fail if slow" zero request can always be honoured.
+    pub fast_zero: bool,
+    /// BLOCK_STATUS reports real allocation.
+    pub block_status: bool,
+    /// A flush on one connection covers writes completed on every other
+    /// connection, so several clients may share the device.
+    pub multi_conn: bool,
+    /// Writes are refused.
+    pub read_only: bool,
+}
+
+/// Allocation state of an extent, as reported by [`BlockDevice::block_status`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentState {
+    /// Allocated, holds data.
+    Data,
+    /// Allocated, known to read as zeros.
+    Zero,
+    /// Not allocated; reads as zeros.
+    Hole,
+}
+
+/// A run of bytes with one allocation state. Extents returned by
+/// `block_status` are contiguous, starting at the requested offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    pub state: ExtentState,
+}
+
+/// Flags for [`BlockDevice::write_zeroes`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// Keep the range allocated (do not punch a hole).
+    pub no_hole: bool,
+    /// Make the zeros durable before completing.
+    pub fua: bool,
+}
+
+/// A block device with an async, byte-addressed interface.
+///
+/// Callers (frontends) validate ranges with [`check_range`] before calling;
+/// implementations may assume `offset + len <= size()`.
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Size in bytes; a multiple of [`BLOCK_SIZE`].
+    fn size(&self) -> u64;
+
+    fn capabilities(&self) -> Capabilities;
+
+    fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes>> + Send;
+
+    /// Writes `data` at `offset`; with `fua` it is durable on completion.
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Releases the range; it reads as zeros afterwards.
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = Result<()>> + Send {
+        let _ = (offset, len, fua);
+        async { Err(Error::unsupported("trim").with_op(Op::Trim)) }
+    }
+
+    /// Makes the range read as zeros.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (offset, len, flags);
+        async { Err(Error::unsupported("write-zeroes").with_op(Op::WriteZeroes)) }
+    }
+
+    /// Allocation map of the range. The default says "all data".
+    fn block_status(&self, offset: u64, len: u64) -> impl Future<Output = Result<Vec<Extent>>> + Send {
+        let _ = offset;
+        async move { Ok(vec![Extent { length: len, state: ExtentState::Data }]) }
+    }
+}
+
+/// The one range check: `len` bytes at `offset` lie inside a device of
+/// `size` bytes (a zero length is valid anywhere up to the end).
+pub fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::new(
+            ErrorKind::OutOfRange,
+            format!("{len} bytes at offset {offset} exceed device size {size}"),
+        )
+        .at(offset)),
+    }
+}
+
+/// Rounds `offset..offset+len` outwards to whole blocks: (first block, block count).
+pub fn block_span(offset: u64, len: u64) -> (u64, u64) {
+    let bs = u64::from(BLOCK_SIZE);
+    let first = offset / bs;
+    let end = (offset + len).div_ceil(bs);
+    (first, end - first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_check() {
+        assert!(check_range(8192, 0, 8192).is_ok());
+        assert!(check_range(8192, 8192, 0).is_ok());
+        assert_eq!(check_range(8192, 4096, 8192).unwrap_err().kind(), ErrorKind::OutOfRange);
+        assert_eq!(check_range(8192, u64::MAX, 2).unwrap_err().kind(), ErrorKind::OutOfRange);
+        assert_eq!(check_range(8192, 8193, 0).unwrap_err().kind(), ErrorKind::OutOfRange);
+    }
+
+    #[test]
+    fn spans() {
+        assert_eq!(block_span(0, 4096), (0, 1));
+        assert_eq!(block_span(1, 1), (0, 1));
+        assert_eq!(block_span(4095, 2), (0, 2));
+        assert_eq!(block_span(8192, 0), (2, 0));
+    }
+}
