@@ -124,10 +124,10 @@ mod tests {
         let first = lock.lock(0, 10, true).await;
         let mut tasks = Vec::new();
         for i in 0..5u64 {
-            let lock = lock.clone();
+            let task_lock = lock.clone();
             let order = order.clone();
             tasks.push(tokio::spawn(async move {
-                let _g = lock.lock(i, i + 8, true).await;
+                let _g = task_lock.lock(i, i + 8, true).await;
                 order.lock().unwrap().push(i);
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }));
