@@ -7,6 +7,7 @@
 //! frontends; store specifics (layers, checksums) stay in the replica.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -109,6 +110,34 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn block_status(&self, offset: u64, len: u64) -> impl Future<Output = Result<Vec<Extent>>> + Send {
         let _ = offset;
         async move { Ok(vec![Extent { length: len, state: ExtentState::Data }]) }
+    }
+}
+
+/// A shared handle is a device too, so frontends can hold `Arc<Volume<_>>`.
+impl<D: BlockDevice> BlockDevice for Arc<D> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes>> + Send {
+        (**self).read(offset, len)
+    }
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send {
+        (**self).write(offset, data, fua)
+    }
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send {
+        (**self).flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = Result<()>> + Send {
+        (**self).trim(offset, len, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, f: ZeroFlags) -> impl Future<Output = Result<()>> + Send {
+        (**self).write_zeroes(offset, len, f)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> impl Future<Output = Result<Vec<Extent>>> + Send {
+        (**self).block_status(offset, len)
     }
 }
 

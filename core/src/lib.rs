@@ -10,7 +10,10 @@ pub mod device;
 pub mod error;
 pub mod mem;
 pub mod range_lock;
+pub mod remote;
 pub mod size;
+pub mod volume;
+pub mod wire;
 
 pub use device::{
     BLOCK_SIZE, BlockDevice, Capabilities, Extent, ExtentState, MAX_IO_BYTES, ZeroFlags, block_span,

@@ -1,0 +1,365 @@
+//! The controller's side of the replica wire protocol: a [`RemoteReplica`]
+//! is a [`BlockDevice`] backed by one TCP connection to a replica process,
+//! with many tagged requests in flight.
+//!
+//! One writer task batches outgoing frames (flushing the socket when the
+//! queue runs dry); one reader task decodes responses and completes the
+//! waiting request by tag. When the connection breaks, every waiting and
+//! later request fails with [`ErrorKind::Disconnected`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::device::{BlockDevice, Capabilities, Extent, ZeroFlags};
+use crate::error::{Error, ErrorKind, Op, Result};
+use crate::wire::{self, Hello, HelloMode, HelloReply, Opcode, Request, Response};
+
+/// Connection settings for a [`RemoteReplica`].
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteOptions {
+    /// Bound on connecting and on the handshake.
+    pub connect_timeout: Duration,
+    /// Bound on any single request.
+    pub request_timeout: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> RemoteOptions {
+        RemoteOptions { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(30) }
+    }
+}
+
+struct Outgoing {
+    header: Bytes,
+    data: Bytes,
+}
+
+type Pending = HashMap<u64, oneshot::Sender<Response>>;
+
+struct Conn {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    pending: Mutex<Pending>,
+    /// Set (under the `pending` lock) once the connection is dead.
+    closed: AtomicBool,
+    next_tag: AtomicU64,
+}
+
+impl Conn {
+    fn shut(&self) {
+        let mut pending = self.pending.lock().expect("pending poisoned");
+        self.closed.store(true, Ordering::SeqCst);
+        // Dropping the senders wakes every waiter with a receive error.
+        pending.clear();
+    }
+}
+
+/// Removes a request's pending entry if its future is dropped early.
+struct PendingGuard<'a> {
+    conn: &'a Conn,
+    tag: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.conn.pending.lock() {
+            p.remove(&self.tag);
+        }
+    }
+}
+
+/// A replica reached over TCP. See the module documentation.
+pub struct RemoteReplica {
+    addr: String,
+    size: u64,
+    epoch: u64,
+    opts: RemoteOptions,
+    conn: Arc<Conn>,
+}
+
+impl std::fmt::Debug for RemoteReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteReplica").field("addr", &self.addr).field("size", &self.size).finish()
+    }
+}
+
+async fn open_stream(addr: &str, opts: &RemoteOptions) -> Result<TcpStream> {
+    let stream = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::new(ErrorKind::TimedOut, format!("connecting to replica {addr}")))?
+        .map_err(|e| Error::new(ErrorKind::Disconnected, format!("connecting to replica {addr}: {e}")))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn handshake(stream: &mut TcpStream, hello: &Hello, opts: &RemoteOptions) -> Result<HelloReply> {
+    let exchange = async {
+        let mut out = BytesMut::new();
+        wire::encode_hello(hello, &mut out)?;
+        stream.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(512);
+        loop {
+            if let Some(reply) = wire::decode_hello_reply(&mut buf)? {
+                return Ok(reply);
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(Error::new(ErrorKind::Disconnected, "replica closed during handshake"));
+            }
+        }
+    };
+    tokio::time::timeout(opts.connect_timeout, exchange)
+        .await
+        .map_err(|_| Error::new(ErrorKind::TimedOut, "replica handshake"))?
+        .map_err(|e: Error| e.with_op(Op::Handshake))
+}
+
+/// Asks a replica who it is (volume, size, epoch) without binding it.
+pub async fn probe(addr: &str, opts: &RemoteOptions) -> Result<HelloReply> {
+    let mut stream = open_stream(addr, opts).await?;
+    let hello = Hello {
+        version: wire::PROTOCOL_VERSION,
+        mode: HelloMode::Probe,
+        size: 0,
+        epoch: 0,
+        volume: "?".into(),
+    };
+    handshake(&mut stream, &hello, opts).await
+}
+
+impl RemoteReplica {
+    /// Connects and attaches to the replica at `addr` as controller `epoch`
+    /// of `volume`. Fails if the replica is fenced by a newer epoch, belongs
+    /// to another volume, or has another size.
+    pub async fn connect(
+        addr: &str,
+        volume: &str,
+        size: u64,
+        epoch: u64,
+        opts: RemoteOptions,
+    ) -> Result<RemoteReplica> {
+        let mut stream = open_stream(addr, &opts).await?;
+        let hello = Hello {
+            version: wire::PROTOCOL_VERSION,
+            mode: HelloMode::Attach,
+            size,
+            epoch,
+            volume: volume.to_string(),
+        };
+        let reply = handshake(&mut stream, &hello, &opts).await?;
+        if let Some(err) = reply.error() {
+            return Err(err.with_op(Op::Handshake));
+        }
+        if reply.size != size {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("replica {addr} has size {} but the volume has {size}", reply.size),
+            ));
+        }
+        let (rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = Arc::new(Conn {
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            next_tag: AtomicU64::new(1),
+        });
+        tokio::spawn(write_loop(conn.clone(), rx, wr));
+        tokio::spawn(read_loop(conn.clone(), rd));
+        Ok(RemoteReplica { addr: addr.to_string(), size, epoch, opts, conn })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// False once the connection has broken.
+    pub fn is_connected(&self) -> bool {
+        !self.conn.closed.load(Ordering::SeqCst)
+    }
+
+    /// Closes the connection; waiting requests fail.
+    pub fn disconnect(&self) {
+        self.conn.shut();
+    }
+
+    /// A no-op round trip.
+    pub async fn ping(&self) -> Result<()> {
+        self.call(Opcode::Ping, 0, 0, 0, Bytes::new()).await.map(|_| ())
+    }
+
+    async fn call(&self, opcode: Opcode, flags: u8, offset: u64, length: u64, data: Bytes) -> Result<Bytes> {
+        let op = match opcode {
+            Opcode::Read => Op::Read,
+            Opcode::Write => Op::Write,
+            Opcode::Flush | Opcode::Ping => Op::Flush,
+            Opcode::Trim => Op::Trim,
+            Opcode::WriteZeroes => Op::WriteZeroes,
+            Opcode::BlockStatus => Op::BlockStatus,
+        };
+        let conn = &*self.conn;
+        let tag = conn.next_tag.fetch_add(1, Ordering::Relaxed);
+        let (done_tx, done_rx) = oneshot::channel();
+        {
+            let mut pending = conn.pending.lock().expect("pending poisoned");
+            if conn.closed.load(Ordering::SeqCst) {
+                return Err(self.disconnected(op));
+            }
+            pending.insert(tag, done_tx);
+        }
+        let _guard = PendingGuard { conn, tag };
+        let req = Request { opcode, flags, tag, offset, length, data };
+        let mut header = BytesMut::with_capacity(wire::REQUEST_LEN);
+        wire::encode_request_header(&req, &mut header);
+        if conn.tx.send(Outgoing { header: header.freeze(), data: req.data }).is_err() {
+            conn.shut();
+            return Err(self.disconnected(op));
+        }
+        match tokio::time::timeout(self.opts.request_timeout, done_rx).await {
+            Ok(Ok(resp)) => resp.into_result().map_err(|e| e.with_op(op).at(offset)),
+            Ok(Err(_)) => Err(self.disconnected(op)),
+            Err(_) => Err(Error::new(
+                ErrorKind::TimedOut,
+                format!("replica {} did not answer within {:?}", self.addr, self.opts.request_timeout),
+            )
+            .with_op(op)
+            .at(offset)),
+        }
+    }
+
+    fn disconnected(&self, op: Op) -> Error {
+        Error::new(ErrorKind::Disconnected, format!("connection to replica {} is closed", self.addr))
+            .with_op(op)
+    }
+}
+
+async fn write_loop(conn: Arc<Conn>, mut rx: mpsc::UnboundedReceiver<Outgoing>, wr: OwnedWriteHalf) {
+    let mut w = BufWriter::with_capacity(256 * 1024, wr);
+    let result: std::io::Result<()> = async {
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(msg) = next {
+                w.write_all(&msg.header).await?;
+                if !msg.data.is_empty() {
+                    w.write_all(&msg.data).await?;
+                }
+                next = rx.try_recv().ok();
+            }
+            w.flush().await?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!("replica connection write failed: {e}");
+    }
+    conn.shut();
+    let _ = w.into_inner().shutdown().await;
+}
+
+async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
+    let mut buf = BytesMut::with_capacity(256 * 1024);
+    let result: Result<()> = async {
+        loop {
+            while let Some(resp) = wire::decode_response(&mut buf)? {
+                let waiter = conn.pending.lock().expect("pending poisoned").remove(&resp.tag);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(resp);
+                }
+            }
+            if buf.capacity() - buf.len() < 64 * 1024 {
+                buf.reserve(256 * 1024);
+            }
+            if rd.read_buf(&mut buf).await? == 0 {
+                return Err(Error::new(ErrorKind::Disconnected, "replica closed the connection"));
+            }
+            if conn.closed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!("replica connection read ended: {e}");
+    }
+    conn.shut();
+}
+
+impl Drop for RemoteReplica {
+    fn drop(&mut self) {
+        self.conn.shut();
+    }
+}
+
+impl BlockDevice for RemoteReplica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            block_status: true,
+            multi_conn: true,
+            read_only: false,
+        }
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let data = self.call(Opcode::Read, 0, offset, len as u64, Bytes::new()).await?;
+        if data.len() != len {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                format!("replica {} returned {} bytes for a {len}-byte read", self.addr, data.len()),
+            )
+            .with_op(Op::Read)
+            .at(offset));
+        }
+        Ok(data)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        let flags = if fua { wire::FLAG_FUA } else { 0 };
+        self.call(Opcode::Write, flags, offset, len, data).await.map(|_| ())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.call(Opcode::Flush, 0, 0, 0, Bytes::new()).await.map(|_| ())
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let flags = if fua { wire::FLAG_FUA } else { 0 };
+        self.call(Opcode::Trim, flags, offset, len, Bytes::new()).await.map(|_| ())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, zf: ZeroFlags) -> Result<()> {
+        let mut flags = 0;
+        if zf.fua {
+            flags |= wire::FLAG_FUA;
+        }
+        if zf.no_hole {
+            flags |= wire::FLAG_NO_HOLE;
+        }
+        self.call(Opcode::WriteZeroes, flags, offset, len, Bytes::new()).await.map(|_| ())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let payload = self.call(Opcode::BlockStatus, 0, offset, len, Bytes::new()).await?;
+        Ok(wire::decode_extents(&payload)?)
+    }
+}
