@@ -1,1 +1,62 @@
-fn main() {}
+//! `jiva`: one binary for the whole data plane. `jiva replica` serves one
+//! copy of a volume from a directory, `jiva controller` replicates a volume
+//! over replicas and presents it through NBD, and `jiva up` starts a
+//! complete local volume (N replicas and a controller) in one command.
+
+mod controller;
+mod replica;
+mod signals;
+mod up;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "jiva", version, about = "Replicated block storage: replicas, controller and NBD frontend")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve one replica of a volume from a directory.
+    Replica(replica::Args),
+    /// Replicate a volume over replicas and serve it over NBD.
+    Controller(controller::Args),
+    /// Start a local volume: N replica processes and a controller.
+    Up(up::Args),
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("JIVA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("jiva: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Replica(args) => replica::run(args).await,
+            Command::Controller(args) => controller::run(args).await,
+            Command::Up(args) => up::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("jiva: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

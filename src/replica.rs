@@ -1,0 +1,51 @@
+//! `jiva replica`: one copy of a volume, kept in a directory and served to
+//! a controller over the replica wire protocol.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use jiva_core::size::ByteSize;
+use jiva_replica::server::ReplicaServer;
+use jiva_replica::{EngineKind, Store, StoreOptions};
+use tokio::net::TcpListener;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Address to listen on for controllers (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:9502")]
+    listen: String,
+    /// Directory holding this replica's data (created if missing).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Volume size (K/M/G/T suffixes); must match an existing store.
+    #[arg(long)]
+    size: ByteSize,
+    /// I/O engine; by default io_uring, falling back to pread/pwrite.
+    #[arg(long, value_name = "uring|sync")]
+    io_engine: Option<EngineKind>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    let store = Store::open(&args.dir, args.size.bytes(), StoreOptions { engine: args.io_engine })
+        .await
+        .with_context(|| format!("opening replica store in {}", args.dir.display()))?;
+    let store = Arc::new(store);
+    let listener =
+        TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(dir = %args.dir.display(), size = %args.size, engine = %store.engine(), "replica serving on {addr}");
+    // The first stdout line tells a supervisor (`jiva up`) where we listen.
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {addr}")?;
+        out.flush()?;
+    }
+    let server = Arc::new(ReplicaServer::new(store.clone()));
+    server.serve(listener, crate::signals::terminated()).await?;
+    tracing::info!("stopping: flushing and closing the store");
+    store.close().await.context("closing the store")?;
+    Ok(())
+}

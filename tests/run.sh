@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the fast test suite: unit, property and integration tests, the
+# integration tests against real NBD peers (nbdinfo, nbdcopy, qemu-img, fio).
+# Installs the peers first when they are missing and we are root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for tool in nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit fio:fio qemu-img:qemu-utils qemu-io:qemu-utils; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "installing test peers: ${need[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+    else
+        echo "missing test peers (install them as root): ${need[*]}" >&2
+        exit 1
+    fi
+fi
+
+exec cargo test --workspace --release "$@"
