@@ -105,7 +105,7 @@ impl<R: BlockDevice> Volume<R> {
         if replicas.is_empty() {
             return Err(Error::new(ErrorKind::InvalidArgument, "a volume needs at least one replica"));
         }
-        if size == 0 || size % BS != 0 {
+        if size == 0 || !size.is_multiple_of(BS) {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!("volume size {size} is not a positive multiple of {BS}"),

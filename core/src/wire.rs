@@ -432,7 +432,7 @@ pub fn encode_extents(extents: &[Extent]) -> Bytes {
 }
 
 pub fn decode_extents(mut payload: &[u8]) -> Result<Vec<Extent>, WireError> {
-    if payload.len() % EXTENT_LEN != 0 {
+    if !payload.len().is_multiple_of(EXTENT_LEN) {
         return Err(WireError::Malformed("extent list"));
     }
     let mut out = Vec::with_capacity(payload.len() / EXTENT_LEN);
