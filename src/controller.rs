@@ -37,7 +37,11 @@ pub struct Args {
 }
 
 /// Probes a replica until it answers or the deadline passes.
-async fn probe_until(addr: &str, deadline: Instant, opts: &RemoteOptions) -> anyhow::Result<jiva_core::wire::HelloReply> {
+async fn probe_until(
+    addr: &str,
+    deadline: Instant,
+    opts: &RemoteOptions,
+) -> anyhow::Result<jiva_core::wire::HelloReply> {
     loop {
         match remote::probe(addr, opts).await {
             Ok(reply) => return Ok(reply),
@@ -52,7 +56,7 @@ async fn probe_until(addr: &str, deadline: Instant, opts: &RemoteOptions) -> any
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let size = args.size.bytes();
-    if size == 0 || size % u64::from(BLOCK_SIZE) != 0 {
+    if size == 0 || !size.is_multiple_of(u64::from(BLOCK_SIZE)) {
         bail!("--size must be a positive multiple of {BLOCK_SIZE} bytes");
     }
     let opts = RemoteOptions {
@@ -87,7 +91,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let volume = Arc::new(Volume::new(args.name.clone(), size, members)?);
 
-    let listener = TcpListener::bind(&args.nbd).await.with_context(|| format!("NBD listen on {}", args.nbd))?;
+    let listener =
+        TcpListener::bind(&args.nbd).await.with_context(|| format!("NBD listen on {}", args.nbd))?;
     let nbd_addr = listener.local_addr()?;
     tracing::info!(
         volume = %args.name, size = %args.size, replicas = args.replicas.len(), epoch,

@@ -48,6 +48,9 @@ async fn start(what: String, args: &[String], prefix: &str) -> anyhow::Result<(S
     let exe = std::env::current_exe().context("locating the jiva binary")?;
     let mut cmd = Command::new(exe);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+    // Own process group: a terminal's Ctrl-C reaches only `jiva up`, which
+    // then stops the children in order (controller first, so it flushes).
+    cmd.process_group(0);
     // SAFETY: the closure runs in the child between fork and exec and only
     // calls prctl, which is async-signal-safe. It makes the child get
     // SIGTERM (a clean stop) if `jiva up` dies without stopping it.
@@ -155,7 +158,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let nbd_addr = uri.trim_start_matches("nbd://").split('/').next().unwrap_or_default().to_string();
     let (host, port) = nbd_addr.rsplit_once(':').unwrap_or((nbd_addr.as_str(), "10809"));
-    println!("volume {} is up: {}, {} replica(s) in {}", args.name, args.size, args.replicas, args.dir.display());
+    println!(
+        "volume {} is up: {}, {} replica(s) in {}",
+        args.name,
+        args.size,
+        args.replicas,
+        args.dir.display()
+    );
     println!("NBD URI: {uri}");
     println!("attach:  nbd-client {host} {port} /dev/nbd0 -N {}", args.name);
     println!("stop:    Ctrl-C");

@@ -33,7 +33,13 @@ fn nbdinfo_sees_size_flags_and_allocation_map() {
     let map = run_ok(Command::new("nbdinfo").args(["--map", "--totals", &up.uri]), MINUTE);
     assert!(map.contains("hole"), "fresh volume should be a hole: {map}");
     run_ok(
-        Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 8M 1M", &format!("nbd://{}/vol", up.addr)]),
+        Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 8M 1M",
+            &format!("nbd://{}/vol", up.addr),
+        ]),
         MINUTE,
     );
     let map = run_ok(Command::new("nbdinfo").args(["--map", &up.uri]), MINUTE);
@@ -72,8 +78,23 @@ fn qemu_img_convert_and_compare() {
     data[4 << 20..12 << 20].fill(0);
     std::fs::write(&src, &data).unwrap();
     let nbd = format!("nbd://{}/vol", up.addr);
-    run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &nbd]), MINUTE);
-    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &nbd]), MINUTE);
+    run_ok(
+        Command::new("qemu-img").args([
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            &nbd,
+        ]),
+        MINUTE,
+    );
+    run_ok(
+        Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &nbd]),
+        MINUTE,
+    );
     // A one-byte difference must be noticed.
     data[30 << 20] ^= 1;
     std::fs::write(&src, &data).unwrap();

@@ -302,3 +302,14 @@ async fn write_responses<W: AsyncWrite + Unpin>(mut rx: mpsc::UnboundedReceiver<
         tracing::debug!("response writer ended: {e}");
     }
 }
+
+impl Backend for crate::Store {
+    fn info(&self) -> BackendInfo {
+        let id = self.identity();
+        BackendInfo { volume: id.volume, size: id.size, epoch: id.epoch, clean: id.clean_open }
+    }
+
+    fn attach(&self, volume: &str, epoch: u64) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::attach(self, volume, epoch)
+    }
+}

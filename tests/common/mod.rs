@@ -86,7 +86,16 @@ impl Up {
         let mut child = Command::new(JIVA)
             .args(["up", "--dir"])
             .arg(dir)
-            .args(["--size", size, "--replicas", &replicas.to_string(), "--name", name, "--nbd", "127.0.0.1:0"])
+            .args([
+                "--size",
+                size,
+                "--replicas",
+                &replicas.to_string(),
+                "--name",
+                name,
+                "--nbd",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env("JIVA_LOG", "warn")
             .stdin(Stdio::null())

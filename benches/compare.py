@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Side-by-side NBD benchmark: jiva (1 and 3 replicas) vs nbdkit file vs
+qemu-nbd vs local io_uring, same machine, same run, same patterns.
+
+Prints a summary and writes a markdown report (default docs/benchmarks.md)
+with absolute figures, ratios to each peer, server CPU time per I/O, and a
+description of the machine. Short by default; --runtime makes it longer.
+
+    benches/compare.py [--runtime 5] [--size 512M] [--out docs/benchmarks.md]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# (name, fio rw, block size, iodepth)
+WORKLOADS = [
+    ("4k randread qd1", "randread", "4k", 1),
+    ("4k randread qd32", "randread", "4k", 32),
+    ("4k randwrite qd1", "randwrite", "4k", 1),
+    ("4k randwrite qd32", "randwrite", "4k", 32),
+    ("64k randwrite qd32", "randwrite", "64k", 32),
+    ("1M seqread qd8", "read", "1M", 8),
+    ("1M seqwrite qd8", "write", "1M", 8),
+]
+
+
+def die(msg):
+    print(f"compare.py: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def need(tool):
+    if shutil.which(tool) is None:
+        die(f"{tool} is not installed (apt-get install libnbd-bin nbdkit fio qemu-utils)")
+
+
+def proc_tree(root_pid):
+    """The pid and all its descendants."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+        except (OSError, IndexError):
+            continue
+    out, todo = [], [root_pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError):
+            pass
+    return total / CLK_TCK
+
+
+class Server:
+    """A running NBD server with a URI and the pids whose CPU we count."""
+
+    def __init__(self, name, proc, uri):
+        self.name, self.proc, self.uri = name, proc, uri
+
+    def pids(self):
+        return proc_tree(self.proc.pid)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_port(host, port, timeout=30):
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection((host, port), 1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    die(f"nothing listening on {host}:{port}")
+
+
+def free_port():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def start_jiva(jiva, workdir, size, replicas):
+    d = os.path.join(workdir, f"jiva-{replicas}")
+    proc = subprocess.Popen(
+        [jiva, "up", "--dir", d, "--size", size, "--replicas", str(replicas), "--nbd", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "JIVA_LOG": "warn"},
+    )
+    for line in proc.stdout:
+        if line.startswith("NBD URI: "):
+            uri = line.split(": ", 1)[1].strip()
+            break
+    else:
+        die("jiva up did not start")
+    return Server(f"jiva {replicas}r", proc, uri)
+
+
+def start_nbdkit(workdir, size_bytes):
+    path = os.path.join(workdir, "nbdkit.img")
+    make_file(path, size_bytes)
+    port = free_port()
+    proc = subprocess.Popen(["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "file", path])
+    wait_port("127.0.0.1", port)
+    return Server("nbdkit file", proc, f"nbd://127.0.0.1:{port}")
+
+
+def start_qemu_nbd(workdir, size_bytes):
+    path = os.path.join(workdir, "qemu-nbd.img")
+    make_file(path, size_bytes)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-x", "", "-t", "--cache=none",
+         "--aio=io_uring", "--discard=unmap", path],
+        stderr=subprocess.DEVNULL,
+    )
+    wait_port("127.0.0.1", port)
+    return Server("qemu-nbd", proc, f"nbd://127.0.0.1:{port}")
+
+
+def make_file(path, size_bytes):
+    with open(path, "wb") as f:
+        f.truncate(size_bytes)
+
+
+def fio(target_args, rw, bs, iodepth, runtime, size):
+    cmd = [
+        "fio", "--name=bench", f"--rw={rw}", f"--bs={bs}", f"--iodepth={iodepth}", f"--size={size}",
+        "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--output-format=json",
+        "--randrepeat=0", "--norandommap",
+    ] + target_args
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 4 + 120)
+    if out.returncode != 0:
+        die(f"fio failed: {' '.join(cmd)}\n{out.stderr}")
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return {
+        "iops": side["iops"],
+        "bw": side["bw_bytes"],
+        "lat_us": side["clat_ns"]["mean"] / 1000 if "clat_ns" in side else 0.0,
+        "ios": side["total_ios"],
+    }
+
+
+def prefill(target_args, size):
+    subprocess.run(
+        ["fio", "--name=fill", "--rw=write", "--bs=1M", "--iodepth=8", f"--size={size}", "--output-format=json"]
+        + target_args,
+        capture_output=True, text=True, check=True, timeout=900,
+    )
+
+
+def machine():
+    cpu = "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.*)", f.read())
+            cpu = m.group(1) if m else cpu
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}"
+
+
+def fmt_iops(r):
+    return f"{r['iops'] / 1000:.1f}k"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runtime", type=int, default=5, help="seconds per workload (default 5)")
+    ap.add_argument("--size", default="512M", help="volume / file size (default 512M)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    ap.add_argument("--jiva", default=os.path.join(ROOT, "target", "release", "jiva"))
+    ap.add_argument("--only", help="comma-separated target names to run (e.g. 'jiva 1r,nbdkit file')")
+    args = ap.parse_args()
+    for t in ("fio", "nbdkit", "qemu-nbd"):
+        need(t)
+    if not os.path.exists(args.jiva):
+        subprocess.run(["cargo", "build", "--release", "--bin", "jiva"], cwd=ROOT, check=True)
+    m = re.fullmatch(r"(\d+)([KMG]?)", args.size.upper())
+    if not m:
+        die("--size takes a number with K/M/G")
+    size_bytes = int(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)]
+
+    workdir = tempfile.mkdtemp(prefix="jiva-bench-", dir=os.environ.get("BENCH_DIR", ROOT + "/target"))
+    starters = [
+        ("jiva 1r", lambda: start_jiva(args.jiva, workdir, args.size, 1)),
+        ("jiva 3r", lambda: start_jiva(args.jiva, workdir, args.size, 3)),
+        ("nbdkit file", lambda: start_nbdkit(workdir, size_bytes)),
+        ("qemu-nbd", lambda: start_qemu_nbd(workdir, size_bytes)),
+    ]
+    if args.only:
+        keep = set(args.only.split(","))
+        starters = [s for s in starters if s[0] in keep]
+    results = {}  # target -> workload -> result
+    try:
+        for name, start in starters:
+            srv = start()
+            try:
+                nbd_args = ["--ioengine=nbd", f"--uri={srv.uri}"]
+                prefill(nbd_args, args.size)
+                for wl, rw, bs, qd in WORKLOADS:
+                    pids = srv.pids()
+                    c0 = cpu_seconds(pids)
+                    r = fio(nbd_args, rw, bs, qd, args.runtime, args.size)
+                    r["cpu_us_per_io"] = (cpu_seconds(pids) - c0) * 1e6 / max(r["ios"], 1)
+                    results.setdefault(name, {})[wl] = r
+                    print(f"{name:12} {wl:20} {fmt_iops(r):>8} IOPS {r['bw'] / 2**20:8.0f} MiB/s "
+                          f"{r['lat_us']:8.0f} us  {r['cpu_us_per_io']:6.1f} us CPU/IO", flush=True)
+            finally:
+                srv.stop()
+        if not args.only or "local io_uring" in args.only:
+            path = os.path.join(workdir, "local.img")
+            make_file(path, size_bytes)
+            local = ["--ioengine=io_uring", "--direct=1", f"--filename={path}"]
+            prefill(local, args.size)
+            for wl, rw, bs, qd in WORKLOADS:
+                r = fio(local, rw, bs, qd, args.runtime, args.size)
+                r["cpu_us_per_io"] = float("nan")
+                results.setdefault("local io_uring", {})[wl] = r
+                print(f"{'local':12} {wl:20} {fmt_iops(r):>8} IOPS {r['bw'] / 2**20:8.0f} MiB/s "
+                      f"{r['lat_us']:8.0f} us", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    write_report(args, results)
+
+
+def write_report(args, results):
+    targets = list(results)
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {datetime.date.today().isoformat()} with `benches/compare.py --runtime {args.runtime} "
+        f"--size {args.size}` on {machine()}. Client, servers and replicas share the machine; "
+        "fio's nbd engine (one connection) for every NBD target, fio io_uring O_DIRECT on a local file "
+        "for the ceiling. Shared, noisy machines: read the ratios, not the absolute numbers.",
+        "",
+        "## Throughput",
+        "",
+        "| workload | " + " | ".join(targets) + " |",
+        "|---|" + "---|" * len(targets),
+    ]
+    for wl, rw, bs, qd in WORKLOADS:
+        cells = []
+        for t in targets:
+            r = results[t].get(wl)
+            if r is None:
+                cells.append("-")
+            elif bs == "1M":
+                cells.append(f"{r['bw'] / 2**20:.0f} MiB/s")
+            else:
+                cells.append(f"{fmt_iops(r)} IOPS")
+        lines.append(f"| {wl} | " + " | ".join(cells) + " |")
+    lines += ["", "## Mean completion latency at queue depth 1 (µs)", "",
+              "| workload | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for wl, rw, bs, qd in WORKLOADS:
+        if qd == 1:
+            lines.append(f"| {wl} | " + " | ".join(
+                f"{results[t][wl]['lat_us']:.0f}" if wl in results[t] else "-" for t in targets) + " |")
+    lines += ["", "## Server CPU time per I/O (µs; all server processes)", "",
+              "| workload | " + " | ".join(t for t in targets if t != "local io_uring") + " |",
+              "|---|" + "---|" * len([t for t in targets if t != "local io_uring"])]
+    for wl, *_ in WORKLOADS:
+        lines.append(f"| {wl} | " + " | ".join(
+            f"{results[t][wl]['cpu_us_per_io']:.1f}" if wl in results[t] else "-"
+            for t in targets if t != "local io_uring") + " |")
+    ours = [t for t in targets if t.startswith("jiva")]
+    peers = [t for t in targets if not t.startswith("jiva")]
+    if ours and peers:
+        lines += ["", "## Ratios (ours / peer; >1 means we are faster, for latency <1 means faster)", "",
+                  "| workload | " + " | ".join(f"{o} / {p}" for o in ours for p in peers) + " |",
+                  "|---|" + "---|" * (len(ours) * len(peers))]
+        for wl, *_ in WORKLOADS:
+            cells = []
+            for o in ours:
+                for p in peers:
+                    a, b = results[o].get(wl), results[p].get(wl)
+                    cells.append(f"{a['iops'] / b['iops']:.2f}" if a and b and b["iops"] else "-")
+            lines.append(f"| {wl} | " + " | ".join(cells) + " |")
+        if "jiva 1r" in results and "jiva 3r" in results:
+            lines += ["", "3 replicas / 1 replica: " + ", ".join(
+                f"{wl} {results['jiva 3r'][wl]['iops'] / results['jiva 1r'][wl]['iops']:.2f}"
+                for wl, *_ in WORKLOADS if wl in results["jiva 3r"] and wl in results["jiva 1r"]) + "."]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"\nreport written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

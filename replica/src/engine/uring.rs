@@ -1,0 +1,562 @@
+//! The io_uring engine: one ring per store, driven by one dedicated thread.
+//!
+//! Submitters push a job (a batch plus a oneshot reply) onto a shared queue
+//! and, if the ring thread has not been woken since it last drained the
+//! queue, write to an eventfd. The ring thread always keeps a read of that
+//! eventfd in the ring, so one `submit_and_wait(1)` sleeps until either a
+//! completion or new work arrives. Everything queued by then is submitted
+//! together.
+//!
+//! The ring thread owns every in-flight job, with its buffers and files,
+//! until the last completion of the job arrives: a buffer is freed (or
+//! handed back) only once the kernel no longer refers to it. Short reads and
+//! writes continue where they stopped; EINTR and EAGAIN are resubmitted.
+//! On drop, the engine stops taking work, finishes what it has, and joins
+//! its thread.
+
+use std::collections::VecDeque;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use io_uring::{IoUring, Probe, opcode, squeue, types};
+use tokio::sync::oneshot;
+
+use super::{Action, Batch, Completion, Outcome, Request, failed};
+
+/// Submission queue entries; the completion queue is twice as large.
+const RING_ENTRIES: u32 = 256;
+/// User data of the eventfd read.
+const WAKE_TOKEN: u64 = u64::MAX;
+/// Longest single read or write handed to the kernel; longer transfers
+/// continue as if short.
+const MAX_CHUNK: usize = 1 << 30;
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct UringEngine {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    eventfd: OwnedFd,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    incoming: Vec<Job>,
+    /// The eventfd has been written since the ring thread last drained
+    /// `incoming`, so further submitters need not write it again.
+    woken: bool,
+    shutdown: bool,
+}
+
+#[derive(Debug)]
+struct Job {
+    batch: Batch,
+    reply: oneshot::Sender<Outcome>,
+}
+
+impl UringEngine {
+    /// Starts the ring thread, which creates the ring, checks that the
+    /// kernel supports every operation we use (and that a NOP completes),
+    /// and reports back before serving.
+    pub fn start() -> io::Result<UringEngine> {
+        // SAFETY: eventfd(2) takes no pointers; the result is checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let shared = Arc::new(Shared { queue: Mutex::new(Queue::default()), eventfd });
+        let thread_shared = shared.clone();
+        let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new().name("jiva-uring".into()).spawn(move || {
+            // The ring is created on this thread: with SINGLE_ISSUER, its
+            // creator is the only task allowed to submit.
+            match new_ring() {
+                Ok(ring) => {
+                    let _ = started_tx.send(Ok(()));
+                    ring_thread(ring, thread_shared);
+                }
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                }
+            }
+        })?;
+        match started_rx.recv() {
+            Ok(Ok(())) => Ok(UringEngine { shared, thread: Some(thread) }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(io::Error::other("io_uring thread failed to start"))
+            }
+        }
+    }
+
+    pub async fn run(&self, batch: Batch) -> Outcome {
+        let n = batch.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let (reply, rx) = oneshot::channel();
+        let wake = {
+            let mut queue = self.shared.lock();
+            if queue.shutdown {
+                return failed(n, "io_uring engine stopped");
+            }
+            queue.incoming.push(Job { batch, reply });
+            !std::mem::replace(&mut queue.woken, true)
+        };
+        if wake {
+            self.shared.wake();
+        }
+        rx.await.unwrap_or_else(|_| failed(n, "io_uring engine stopped"))
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.wake();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wake(&self) {
+        let one: u64 = 1;
+        loop {
+            // SAFETY: writes the 8 bytes of a live local to a descriptor owned
+            // by `self`.
+            let rc = unsafe { libc::write(self.eventfd.as_raw_fd(), (&raw const one).cast(), 8) };
+            if rc == 8 {
+                return;
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                tracing::error!("cannot wake the io_uring thread: {err}");
+                return;
+            }
+        }
+    }
+}
+
+/// A ring for one submitting thread. Deferred task work (Linux 6.1+) runs
+/// completions only when this thread waits for them, saving wakeups;
+/// older kernels get a plain ring.
+fn new_ring() -> io::Result<IoUring> {
+    let mut ring = match IoUring::builder().setup_single_issuer().setup_defer_taskrun().build(RING_ENTRIES) {
+        Ok(ring) => ring,
+        Err(_) => IoUring::new(RING_ENTRIES)?,
+    };
+    probe(&mut ring)?;
+    Ok(ring)
+}
+
+fn probe(ring: &mut IoUring) -> io::Result<()> {
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for (code, name) in [
+        (opcode::Read::CODE, "read"),
+        (opcode::Write::CODE, "write"),
+        (opcode::Fsync::CODE, "fsync"),
+        (opcode::Fallocate::CODE, "fallocate"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring does not support {name} on this kernel"),
+            ));
+        }
+    }
+    let nop = opcode::Nop::new().build().user_data(1);
+    // SAFETY: a NOP refers to no memory.
+    unsafe { ring.submission().push(&nop) }.map_err(|_| io::Error::other("submission queue full"))?;
+    ring.submit_and_wait(1)?;
+    let res = ring.completion().next().ok_or_else(|| io::Error::other("NOP did not complete"))?.result();
+    if res < 0 {
+        return Err(io::Error::from_raw_os_error(-res));
+    }
+    Ok(())
+}
+
+fn ring_thread(ring: IoUring, shared: Arc<Shared>) {
+    let limit = ring.params().cq_entries() as usize - 1;
+    let mut state = Ring {
+        ring,
+        shared,
+        jobs: Vec::new(),
+        free: Vec::new(),
+        backlog: VecDeque::new(),
+        in_kernel: 0,
+        limit,
+        wake_buf: Box::new(0),
+        wake_armed: false,
+        reaped: Vec::new(),
+    };
+    if std::panic::catch_unwind(AssertUnwindSafe(|| state.run())).is_err() {
+        tracing::error!("io_uring thread panicked; failing its outstanding I/O");
+        state.abandon();
+        // The kernel may still write into buffers of in-flight operations, so
+        // they (and the ring) must never be freed.
+        let _ = ManuallyDrop::new(state);
+    }
+}
+
+/// The ring thread's state.
+struct Ring {
+    ring: IoUring,
+    shared: Arc<Shared>,
+    /// In-flight jobs; a slot is freed only when all its operations are done.
+    jobs: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    /// Operations (tokens) waiting for room in the submission queue.
+    backlog: VecDeque<u64>,
+    /// Entries in the submission queue or in the kernel, the eventfd read
+    /// included; kept below the completion queue size so it cannot overflow.
+    in_kernel: usize,
+    limit: usize,
+    /// Target of the eventfd read; lives as long as the ring.
+    wake_buf: Box<u64>,
+    wake_armed: bool,
+    reaped: Vec<(u64, i32)>,
+}
+
+struct InFlight {
+    ops: Vec<Op>,
+    remaining: usize,
+    reply: Option<oneshot::Sender<Outcome>>,
+}
+
+struct Op {
+    req: Request,
+    /// Bytes transferred so far (reads and writes).
+    done: usize,
+    result: Option<io::Result<Completion>>,
+}
+
+fn token(slot: usize, op: usize) -> u64 {
+    ((slot as u64) << 32) | op as u64
+}
+
+fn untoken(token: u64) -> (usize, usize) {
+    ((token >> 32) as usize, (token & 0xffff_ffff) as usize)
+}
+
+impl Op {
+    /// Bytes a read or write still has to move (0 for other operations).
+    fn rest(&self) -> usize {
+        match &self.req.action {
+            Action::Read(buf) => buf.len() - self.done,
+            Action::Write { data, .. } => data.len() - self.done,
+            Action::Fdatasync | Action::Fallocate { .. } => 0,
+        }
+    }
+
+    fn is_transfer(&self) -> bool {
+        matches!(self.req.action, Action::Read(_) | Action::Write { .. })
+    }
+
+    /// The submission entry for what remains of this operation.
+    fn entry(&mut self) -> squeue::Entry {
+        let fd = types::Fd(self.req.file.as_raw_fd());
+        let offset = self.req.offset + self.done as u64;
+        let chunk = self.rest().min(MAX_CHUNK) as u32;
+        match &mut self.req.action {
+            Action::Read(buf) => {
+                opcode::Read::new(fd, buf[self.done..].as_mut_ptr(), chunk).offset(offset).build()
+            }
+            Action::Write { data, dsync } => opcode::Write::new(fd, data[self.done..].as_ptr(), chunk)
+                .offset(offset)
+                .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
+                .build(),
+            Action::Fdatasync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            Action::Fallocate { mode, len } => {
+                opcode::Fallocate::new(fd, *len).offset(self.req.offset).mode(*mode).build()
+            }
+        }
+    }
+
+    /// The operation's result once it has finished; hands a read's buffer back.
+    fn finish(&mut self) -> Completion {
+        match &mut self.req.action {
+            Action::Read(buf) => Completion::Read(std::mem::take(buf)),
+            _ => Completion::Done,
+        }
+    }
+}
+
+impl Ring {
+    fn run(&mut self) {
+        let mut shutdown = false;
+        loop {
+            shutdown |= self.admit();
+            if !shutdown && !self.wake_armed {
+                self.arm_wake();
+            }
+            self.fill();
+            if shutdown && self.jobs.iter().all(Option::is_none) {
+                if !self.wake_armed {
+                    return;
+                }
+                // Complete our own eventfd read so that its buffer is free.
+                self.shared.wake();
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e) => {
+                    tracing::error!("io_uring submit failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            self.reap();
+        }
+    }
+
+    /// Takes newly queued jobs; returns whether the engine is shutting down.
+    fn admit(&mut self) -> bool {
+        let (jobs, shutdown) = {
+            let mut queue = self.shared.lock();
+            queue.woken = false;
+            (std::mem::take(&mut queue.incoming), queue.shutdown)
+        };
+        for job in jobs {
+            let slot = self.free.pop().unwrap_or_else(|| {
+                self.jobs.push(None);
+                self.jobs.len() - 1
+            });
+            let mut ops: Vec<Op> =
+                job.batch.into_iter().map(|req| Op { req, done: 0, result: None }).collect();
+            let mut remaining = 0;
+            for (i, op) in ops.iter_mut().enumerate() {
+                if op.is_transfer() && op.rest() == 0 {
+                    op.result = Some(Ok(op.finish()));
+                } else {
+                    remaining += 1;
+                    self.backlog.push_back(token(slot, i));
+                }
+            }
+            self.jobs[slot] = Some(InFlight { ops, remaining, reply: Some(job.reply) });
+            if remaining == 0 {
+                self.complete(slot);
+            }
+        }
+        shutdown
+    }
+
+    fn arm_wake(&mut self) {
+        let buf: *mut u64 = &mut *self.wake_buf;
+        let entry = opcode::Read::new(types::Fd(self.shared.eventfd.as_raw_fd()), buf.cast(), 8)
+            .build()
+            .user_data(WAKE_TOKEN);
+        // SAFETY: `wake_buf` is heap memory owned by this state, which is
+        // dropped only after the read has completed (`run` returns only when
+        // it is not armed) or never (after a panic); the eventfd lives in
+        // `shared`, which this state keeps alive.
+        if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            self.wake_armed = true;
+            self.in_kernel += 1;
+        }
+    }
+
+    /// Moves backlog operations into the submission queue while there is room.
+    fn fill(&mut self) {
+        let mut sq = self.ring.submission();
+        while self.in_kernel < self.limit && !sq.is_full() {
+            let Some(token) = self.backlog.pop_front() else { break };
+            let (slot, i) = untoken(token);
+            let op = &mut self.jobs[slot].as_mut().expect("backlog refers to a live job").ops[i];
+            let entry = op.entry().user_data(token);
+            // SAFETY: the entry points into `op`'s buffer (a Vec or Bytes heap
+            // allocation, which does not move when `op` moves) and refers to
+            // `op`'s file. `op` stays in `self.jobs` until the completion for
+            // this entry has been reaped, and `self` is never dropped while
+            // entries are in flight (see `run` and `ring_thread`).
+            if unsafe { sq.push(&entry) }.is_err() {
+                self.backlog.push_front(token);
+                break;
+            }
+            self.in_kernel += 1;
+        }
+    }
+
+    fn reap(&mut self) {
+        self.reaped.clear();
+        self.reaped.extend(self.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())));
+        for i in 0..self.reaped.len() {
+            let (token, res) = self.reaped[i];
+            self.in_kernel -= 1;
+            if token == WAKE_TOKEN {
+                self.wake_armed = false;
+                if res < 0 && -res != libc::EINTR && -res != libc::EAGAIN {
+                    tracing::error!("io_uring eventfd read failed: {}", io::Error::from_raw_os_error(-res));
+                }
+                continue;
+            }
+            self.completed(token, res);
+        }
+    }
+
+    /// Handles the completion of one entry of a job's operation.
+    fn completed(&mut self, token: u64, res: i32) {
+        let (slot, i) = untoken(token);
+        let job = self.jobs[slot].as_mut().expect("completion refers to a live job");
+        let op = &mut job.ops[i];
+        let result = if res < 0 {
+            match -res {
+                libc::EINTR | libc::EAGAIN => None,
+                errno => Some(Err(io::Error::from_raw_os_error(errno))),
+            }
+        } else if op.is_transfer() {
+            if res == 0 {
+                Some(Err(match op.req.action {
+                    Action::Read(_) => io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of file"),
+                    _ => io::Error::from(io::ErrorKind::WriteZero),
+                }))
+            } else {
+                op.done += res as usize;
+                if op.rest() == 0 { Some(Ok(op.finish())) } else { None }
+            }
+        } else {
+            Some(Ok(Completion::Done))
+        };
+        match result {
+            // Interrupted or short: submit (the rest) again.
+            None => self.backlog.push_back(token),
+            Some(result) => {
+                op.result = Some(result);
+                job.remaining -= 1;
+                if job.remaining == 0 {
+                    self.complete(slot);
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, slot: usize) {
+        let job = self.jobs[slot].take().expect("completing a live job");
+        self.free.push(slot);
+        let outcome = job
+            .ops
+            .into_iter()
+            .map(|op| op.result.unwrap_or_else(|| Err(io::Error::other("operation did not run"))))
+            .collect();
+        if let Some(reply) = job.reply {
+            // The caller may have gone away; the results are then dropped.
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// After a panic: fail every job without freeing anything the kernel
+    /// may still use, and refuse new work.
+    fn abandon(&mut self) {
+        let incoming = {
+            let mut queue = self.shared.lock();
+            queue.shutdown = true;
+            std::mem::take(&mut queue.incoming)
+        };
+        for job in incoming {
+            let n = job.batch.len();
+            let _ = job.reply.send(failed(n, "io_uring engine failed"));
+        }
+        for job in self.jobs.iter_mut().flatten() {
+            if let Some(reply) = job.reply.take() {
+                let _ = reply.send(failed(job.ops.len(), "io_uring engine failed"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_complete_and_shutdown_is_clean() {
+        let engine = UringEngine::start().expect("io_uring available");
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(
+            File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join("f"))
+                .unwrap(),
+        );
+        let data = Bytes::from((0..=255u8).cycle().take(1 << 20).collect::<Vec<u8>>());
+        let out =
+            engine.run(vec![Request::write(&file, 4096, data.clone()), Request::fdatasync(&file)]).await;
+        assert!(out.iter().all(|r| r.is_ok()));
+        let out = engine.run(vec![Request::read(&file, 4096, 1 << 20), Request::read(&file, 0, 0)]).await;
+        let mut out = out.into_iter();
+        assert_eq!(out.next().unwrap().unwrap().into_buf(), data);
+        assert!(out.next().unwrap().unwrap().into_buf().is_empty());
+        // Past the end: an error, not a hang.
+        let out = engine.run(vec![Request::read(&file, (1 << 20) + 4096, 10)]).await;
+        assert_eq!(out[0].as_ref().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        // Short, then past the end: the rest is resubmitted, then EOF.
+        let out = engine.run(vec![Request::read(&file, 1 << 20, 8192)]).await;
+        assert_eq!(out[0].as_ref().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        // Many concurrent jobs, more than the ring holds at once.
+        let engine = Arc::new(engine);
+        let mut tasks = Vec::new();
+        for i in 0..64u64 {
+            let (engine, file) = (engine.clone(), file.clone());
+            tasks.push(tokio::spawn(async move {
+                let batch = (0..16).map(|j| Request::read(&file, 4096 + (i * 16 + j) * 256, 256)).collect();
+                engine.run(batch).await.into_iter().all(|r| r.is_ok())
+            }));
+        }
+        for t in tasks {
+            assert!(t.await.unwrap());
+        }
+        drop(engine);
+    }
+
+    #[tokio::test]
+    async fn dropped_caller_does_not_cancel_io() {
+        let engine = UringEngine::start().expect("io_uring available");
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(
+            File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join("f"))
+                .unwrap(),
+        );
+        let fut = engine.run(vec![Request::write(&file, 0, Bytes::from(vec![7u8; 1 << 20]))]);
+        // Poll once so the job is queued, then drop the future.
+        let _ = tokio::time::timeout(Duration::ZERO, fut).await;
+        let out = engine.run(vec![Request::fdatasync(&file)]).await;
+        assert!(out[0].is_ok());
+        drop(engine);
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), vec![7u8; 1 << 20]);
+    }
+}

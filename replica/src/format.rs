@@ -1,0 +1,437 @@
+//! The on-disk format of a replica store, as pure encode/decode functions.
+//!
+//! A store is a directory:
+//!
+//! | file                  | contents                                                  |
+//! |-----------------------|-----------------------------------------------------------|
+//! | `store.meta`          | the manifest (below); rewritten atomically                |
+//! | `store.lock`          | empty; `flock`ed while a process has the store open       |
+//! | `store.intent`        | write-intent bitmap, one bit per region                   |
+//! | `layer-NNNNNN.data`   | sparse data of layer N: block `b` at byte `b * 4096`      |
+//! | `layer-NNNNNN.records`| per-block records of layer N: record `b` at byte `b * 16` |
+//!
+//! All integers are little-endian.
+//!
+//! **Manifest** (`store.meta`, format version 1):
+//!
+//! ```text
+//! off  len  field
+//!   0    8  magic "JIVAREPL"
+//!   8    4  format version (1)
+//!  12    4  total length in bytes, including the trailing crc
+//!  16    4  block size (4096)
+//!  20    4  record size (16)
+//!  24    4  intent region size in bytes (1 MiB)
+//!  28    4  flags: bit 0 = CLEAN (the last shutdown was clean)
+//!  32    8  volume size in bytes
+//!  40    8  controller epoch
+//!  48    8  next unused layer id
+//!  56    2  volume name length (0 = not bound to a volume)
+//!  58    2  layer count (>= 1)
+//!  60    n  volume name, UTF-8
+//!   .  8*k  layer ids, oldest first, the writable head last
+//!   .    4  crc32c of every preceding byte
+//! ```
+//!
+//! The manifest is rewritten by writing `store.meta.tmp`, fsyncing it,
+//! renaming it over `store.meta` and fsyncing the directory. A manifest
+//! with a bad magic or crc is refused, as is one from another version.
+//!
+//! **Layers.** Reads walk the chain from the head down: a block that is
+//! not allocated in a layer is looked up in its parent, and reads as zeros
+//! if no layer has it. Only the head is written; parents (snapshots) are
+//! read-only.
+//!
+//! **Block record** (16 bytes per block per layer):
+//!
+//! ```text
+//! off  len  field
+//!   0    4  crc32c of the 4 KiB block as stored in the data file
+//!   4    2  flags: 1 = ALLOCATED, 2 = ZERO (reads as zeros; data not read)
+//!   6   10  reserved, zero (future: encryption tags, compressed lengths)
+//! ```
+//!
+//! An all-zero record means "not allocated in this layer", so a fresh
+//! (sparse) or punched records file is all holes. Any other record without
+//! ALLOCATED, or with unknown flags or non-zero reserved bytes, is corrupt.
+//!
+//! **Write-intent bitmap** (`store.intent`): bit `r` (byte `r / 8`, bit
+//! `r % 8`) marks region `r`, blocks `r * R .. (r + 1) * R` where `R` is
+//! the region size in blocks. The file is `ceil(regions / 64) * 8` bytes.
+//! A set bit means writes may have been in flight there, so on open after
+//! a crash the records of that region are re-derived from the data for
+//! blocks whose checksum does not match (see the `intent` module).
+
+use std::sync::OnceLock;
+
+/// Manifest magic.
+pub const MAGIC: [u8; 8] = *b"JIVAREPL";
+/// The only manifest/record format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes per block record.
+pub const RECORD_SIZE: u32 = 16;
+/// Default write-intent region: 1 MiB.
+pub const DEFAULT_REGION_SIZE: u32 = 1 << 20;
+/// Manifest flag: the store was closed cleanly.
+pub const FLAG_CLEAN: u32 = 1;
+/// Longest volume name accepted.
+pub const MAX_VOLUME_NAME: usize = 1024;
+/// Largest manifest accepted when reading.
+pub const MAX_MANIFEST_LEN: usize = 64 * 1024;
+
+pub const MANIFEST_FILE: &str = "store.meta";
+pub const MANIFEST_TMP_FILE: &str = "store.meta.tmp";
+pub const LOCK_FILE: &str = "store.lock";
+pub const INTENT_FILE: &str = "store.intent";
+
+const FIXED_LEN: usize = 60;
+const CRC_LEN: usize = 4;
+
+/// Name of layer `id`'s data file.
+pub fn data_file_name(id: u64) -> String {
+    format!("layer-{id:06}.data")
+}
+
+/// Name of layer `id`'s block-record file.
+pub fn records_file_name(id: u64) -> String {
+    format!("layer-{id:06}.records")
+}
+
+/// Byte length of the intent bitmap for `regions` regions.
+pub fn intent_len(regions: u64) -> u64 {
+    regions.div_ceil(64) * 8
+}
+
+/// Why a manifest or record was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("not a jiva store manifest (bad magic)")]
+    BadMagic,
+    #[error("store format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("manifest checksum mismatch")]
+    BadChecksum,
+    #[error("malformed: {0}")]
+    Malformed(&'static str),
+}
+
+/// The store manifest (see the module documentation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub block_size: u32,
+    pub record_size: u32,
+    pub region_size: u32,
+    pub clean: bool,
+    pub size: u64,
+    pub epoch: u64,
+    pub next_layer_id: u64,
+    pub volume: Option<String>,
+    /// Layer ids, oldest first, head last; never empty.
+    pub layers: Vec<u64>,
+}
+
+impl Manifest {
+    /// A fresh, unbound store of `size` bytes with one layer (id 1).
+    pub fn new(size: u64) -> Manifest {
+        Manifest {
+            block_size: jiva_core::BLOCK_SIZE,
+            record_size: RECORD_SIZE,
+            region_size: DEFAULT_REGION_SIZE,
+            clean: true,
+            size,
+            epoch: 0,
+            next_layer_id: 2,
+            volume: None,
+            layers: vec![1],
+        }
+    }
+
+    /// The writable layer.
+    pub fn head(&self) -> u64 {
+        *self.layers.last().expect("manifest has at least one layer")
+    }
+}
+
+/// Encodes `m`. Panics if the name or the layer list exceed what the
+/// format can hold (callers validate names first).
+pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
+    let name = m.volume.as_deref().unwrap_or("").as_bytes();
+    assert!(name.len() <= MAX_VOLUME_NAME, "volume name too long");
+    assert!(!m.layers.is_empty() && m.layers.len() <= usize::from(u16::MAX), "bad layer count");
+    let total = FIXED_LEN + name.len() + 8 * m.layers.len() + CRC_LEN;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(total as u32).to_le_bytes());
+    out.extend_from_slice(&m.block_size.to_le_bytes());
+    out.extend_from_slice(&m.record_size.to_le_bytes());
+    out.extend_from_slice(&m.region_size.to_le_bytes());
+    out.extend_from_slice(&(if m.clean { FLAG_CLEAN } else { 0 }).to_le_bytes());
+    out.extend_from_slice(&m.size.to_le_bytes());
+    out.extend_from_slice(&m.epoch.to_le_bytes());
+    out.extend_from_slice(&m.next_layer_id.to_le_bytes());
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(m.layers.len() as u16).to_le_bytes());
+    out.extend_from_slice(name);
+    for id in &m.layers {
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(out.len(), total);
+    out
+}
+
+/// Decodes a manifest, checking magic, version, length and crc, and the
+/// structural invariants (non-empty, unique, non-zero layer ids below
+/// `next_layer_id`; a UTF-8 name).
+pub fn decode_manifest(buf: &[u8]) -> Result<Manifest, FormatError> {
+    if buf.len() < 12 || buf[..8] != MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    let version = u32_at(buf, 8);
+    if version != FORMAT_VERSION {
+        return Err(FormatError::UnsupportedVersion(version));
+    }
+    if buf.len() < FIXED_LEN + CRC_LEN {
+        return Err(FormatError::Malformed("manifest too short"));
+    }
+    if u32_at(buf, 12) as usize != buf.len() {
+        return Err(FormatError::Malformed("manifest length field does not match"));
+    }
+    let (body, crc) = buf.split_at(buf.len() - CRC_LEN);
+    if crc32c::crc32c(body) != u32_at(crc, 0) {
+        return Err(FormatError::BadChecksum);
+    }
+    let name_len = usize::from(u16_at(buf, 56));
+    let layer_count = usize::from(u16_at(buf, 58));
+    if FIXED_LEN + name_len + 8 * layer_count + CRC_LEN != buf.len() {
+        return Err(FormatError::Malformed("manifest field lengths do not add up"));
+    }
+    if name_len > MAX_VOLUME_NAME {
+        return Err(FormatError::Malformed("volume name too long"));
+    }
+    if layer_count == 0 {
+        return Err(FormatError::Malformed("no layers"));
+    }
+    let flags = u32_at(buf, 28);
+    if flags & !FLAG_CLEAN != 0 {
+        return Err(FormatError::Malformed("unknown manifest flags"));
+    }
+    let volume = match name_len {
+        0 => None,
+        n => Some(
+            std::str::from_utf8(&buf[FIXED_LEN..FIXED_LEN + n])
+                .map_err(|_| FormatError::Malformed("volume name is not UTF-8"))?
+                .to_owned(),
+        ),
+    };
+    let ids_at = FIXED_LEN + name_len;
+    let layers: Vec<u64> = (0..layer_count).map(|i| u64_at(buf, ids_at + 8 * i)).collect();
+    let next_layer_id = u64_at(buf, 48);
+    let mut sorted = layers.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() != layers.len() || sorted[0] == 0 || *sorted.last().unwrap_or(&0) >= next_layer_id {
+        return Err(FormatError::Malformed("bad layer ids"));
+    }
+    Ok(Manifest {
+        block_size: u32_at(buf, 16),
+        record_size: u32_at(buf, 20),
+        region_size: u32_at(buf, 24),
+        clean: flags & FLAG_CLEAN != 0,
+        size: u64_at(buf, 32),
+        epoch: u64_at(buf, 40),
+        next_layer_id,
+        volume,
+        layers,
+    })
+}
+
+/// Record flag: the block is allocated in this layer.
+pub const REC_ALLOCATED: u16 = 1;
+/// Record flag: the block reads as zeros (its data is not read).
+pub const REC_ZERO: u16 = 2;
+const REC_KNOWN: u16 = REC_ALLOCATED | REC_ZERO;
+
+/// Per-block metadata (see the module documentation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockRecord {
+    pub crc: u32,
+    pub flags: u16,
+}
+
+impl BlockRecord {
+    /// Not allocated in this layer (the all-zero record).
+    pub const UNALLOCATED: BlockRecord = BlockRecord { crc: 0, flags: 0 };
+
+    /// Allocated, holding data with checksum `crc`.
+    pub fn data(crc: u32) -> BlockRecord {
+        BlockRecord { crc, flags: REC_ALLOCATED }
+    }
+
+    /// Allocated, reading as zeros.
+    pub fn zero() -> BlockRecord {
+        BlockRecord { crc: zero_block_crc(), flags: REC_ALLOCATED | REC_ZERO }
+    }
+
+    pub fn is_allocated(&self) -> bool {
+        self.flags & REC_ALLOCATED != 0
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.flags & REC_ZERO != 0
+    }
+}
+
+/// Encodes `rec` into the first [`RECORD_SIZE`] bytes of `out`.
+pub fn encode_record(rec: &BlockRecord, out: &mut [u8]) {
+    let out = &mut out[..RECORD_SIZE as usize];
+    out[..4].copy_from_slice(&rec.crc.to_le_bytes());
+    out[4..6].copy_from_slice(&rec.flags.to_le_bytes());
+    out[6..].fill(0);
+}
+
+/// Decodes the record in the first [`RECORD_SIZE`] bytes of `buf`.
+pub fn decode_record(buf: &[u8]) -> Result<BlockRecord, FormatError> {
+    let buf = buf.get(..RECORD_SIZE as usize).ok_or(FormatError::Malformed("short block record"))?;
+    let rec = BlockRecord { crc: u32_at(buf, 0), flags: u16_at(buf, 4) };
+    if buf[6..].iter().any(|&b| b != 0) {
+        return Err(FormatError::Malformed("reserved bytes of a block record are set"));
+    }
+    if rec.flags & !REC_KNOWN != 0 {
+        return Err(FormatError::Malformed("unknown block record flags"));
+    }
+    if !rec.is_allocated() && rec != BlockRecord::UNALLOCATED {
+        return Err(FormatError::Malformed("block record without ALLOCATED is not empty"));
+    }
+    Ok(rec)
+}
+
+/// crc32c of a block of zeros.
+pub fn zero_block_crc() -> u32 {
+    static CRC: OnceLock<u32> = OnceLock::new();
+    *CRC.get_or_init(|| crc32c::crc32c(&[0u8; jiva_core::BLOCK_SIZE as usize]))
+}
+
+fn u16_at(buf: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([buf[at], buf[at + 1]])
+}
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(buf: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn manifest() -> impl Strategy<Value = Manifest> {
+        (
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of("[a-zA-Z0-9._-]{1,40}"),
+            proptest::collection::btree_set(1u64..1_000_000, 1..8),
+        )
+            .prop_flat_map(|(bs, rs, region, clean, size, epoch, volume, ids)| {
+                let ids: Vec<u64> = ids.into_iter().collect();
+                let max = *ids.last().unwrap();
+                (Just(ids).prop_shuffle(), (max + 1)..=u64::MAX).prop_map(move |(layers, next)| Manifest {
+                    block_size: bs,
+                    record_size: rs,
+                    region_size: region,
+                    clean,
+                    size,
+                    epoch,
+                    next_layer_id: next,
+                    volume: volume.clone(),
+                    layers,
+                })
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn manifest_round_trips(m in manifest()) {
+            let bytes = encode_manifest(&m);
+            prop_assert_eq!(decode_manifest(&bytes).unwrap(), m);
+        }
+
+        #[test]
+        fn manifest_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_manifest(&bytes);
+        }
+
+        #[test]
+        fn manifest_corruption_is_detected(m in manifest(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut bytes = encode_manifest(&m);
+            let i = at.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+            prop_assert!(decode_manifest(&bytes).is_err());
+        }
+
+        #[test]
+        fn truncated_manifest_is_refused(m in manifest(), cut in any::<prop::sample::Index>()) {
+            let bytes = encode_manifest(&m);
+            prop_assert!(decode_manifest(&bytes[..cut.index(bytes.len())]).is_err());
+        }
+
+        #[test]
+        fn record_round_trips(crc in any::<u32>(), zero in any::<bool>()) {
+            let rec = BlockRecord { crc, flags: REC_ALLOCATED | if zero { REC_ZERO } else { 0 } };
+            let mut buf = [0xffu8; 16];
+            encode_record(&rec, &mut buf);
+            prop_assert_eq!(decode_record(&buf).unwrap(), rec);
+        }
+
+        #[test]
+        fn record_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..32)) {
+            let _ = decode_record(&bytes);
+        }
+    }
+
+    #[test]
+    fn all_zero_record_is_unallocated() {
+        let rec = decode_record(&[0u8; 16]).unwrap();
+        assert_eq!(rec, BlockRecord::UNALLOCATED);
+        assert!(!rec.is_allocated());
+    }
+
+    #[test]
+    fn garbage_records_are_refused() {
+        let mut buf = [0u8; 16];
+        buf[0] = 1; // crc without ALLOCATED
+        assert!(decode_record(&buf).is_err());
+        let mut buf = [0u8; 16];
+        buf[4] = 0x81;
+        assert!(decode_record(&buf).is_err());
+        let mut buf = [0u8; 16];
+        buf[4] = 1;
+        buf[15] = 1;
+        assert!(decode_record(&buf).is_err());
+    }
+
+    #[test]
+    fn other_versions_are_refused_clearly() {
+        let mut bytes = encode_manifest(&Manifest::new(1 << 20));
+        bytes[8] = 2;
+        assert_eq!(decode_manifest(&bytes), Err(FormatError::UnsupportedVersion(2)));
+        assert_eq!(decode_manifest(b"hello world, this is not a manifest"), Err(FormatError::BadMagic));
+    }
+
+    #[test]
+    fn zero_record_carries_zero_crc() {
+        assert_eq!(BlockRecord::zero().crc, crc32c::crc32c(&[0u8; 4096]));
+        assert!(BlockRecord::zero().is_zero());
+    }
+}
