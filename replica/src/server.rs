@@ -169,6 +169,14 @@ impl<B: Backend> ReplicaServer<B> {
             refuse(&mut reply, e);
             return (reply, false);
         }
+        if let Some(bound) = info.volume.as_deref().filter(|b| *b != hello.volume) {
+            let e = Error::new(
+                ErrorKind::InvalidArgument,
+                format!("replica belongs to volume {bound:?}, not {:?}", hello.volume),
+            );
+            refuse(&mut reply, e);
+            return (reply, false);
+        }
         // Raise the fence first, so no request from an older connection
         // is accepted once this attach has been decided.
         let prev = self.current_epoch.fetch_max(hello.epoch, Ordering::SeqCst);

@@ -1,0 +1,204 @@
+//! The replica server over real TCP with a real store: handshake (probe,
+//! attach, refusals), fencing of stale controllers, pipelined I/O through
+//! the controller's `RemoteReplica`, and hostile frames.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use jiva_core::remote::{self, RemoteOptions, RemoteReplica};
+use jiva_core::wire::{self, Opcode, Request};
+use jiva_core::{BlockDevice, ErrorKind, ExtentState, ZeroFlags};
+use jiva_replica::server::ReplicaServer;
+use jiva_replica::{Store, StoreOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const SIZE: u64 = 8 << 20;
+
+struct Running {
+    addr: String,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn start() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), SIZE, StoreOptions::default()).await.unwrap();
+    let server = Arc::new(ReplicaServer::new(Arc::new(store)));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    Running { addr, _dir: dir, stop: Some(tx) }
+}
+
+fn opts() -> RemoteOptions {
+    RemoteOptions::default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_then_attach_then_io() {
+    let r = start().await;
+    let info = remote::probe(&r.addr, &opts()).await.unwrap();
+    assert_eq!((info.status, info.size, info.epoch), (0, SIZE, 0));
+    assert_eq!(info.flags & wire::HELLO_BOUND, 0, "fresh store is unbound");
+
+    let rep = RemoteReplica::connect(&r.addr, "vol", SIZE, 1, opts()).await.unwrap();
+    rep.ping().await.unwrap();
+    rep.write(4096, Bytes::from(vec![7u8; 8192]), false).await.unwrap();
+    rep.write(100, Bytes::from_static(b"hello"), true).await.unwrap();
+    assert_eq!(&rep.read(100, 5).await.unwrap()[..], b"hello");
+    assert_eq!(&rep.read(4096, 8192).await.unwrap()[..], &[7u8; 8192][..]);
+    rep.flush().await.unwrap();
+    rep.trim(4096, 4096, false).await.unwrap();
+    rep.write_zeroes(8192, 4096, ZeroFlags { no_hole: true, fua: false }).await.unwrap();
+    let ext = rep.block_status(0, 16384).await.unwrap();
+    assert_eq!(ext[0].state, ExtentState::Data);
+    assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 16384);
+    assert!(rep.read(4096, 8192).await.unwrap().iter().all(|&b| b == 0));
+
+    let info = remote::probe(&r.addr, &opts()).await.unwrap();
+    assert_eq!((info.volume.as_str(), info.epoch), ("vol", 1));
+    assert_ne!(info.flags & wire::HELLO_BOUND, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_complete_independently() {
+    let r = start().await;
+    let rep = Arc::new(RemoteReplica::connect(&r.addr, "vol", SIZE, 1, opts()).await.unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let rep = rep.clone();
+        tasks.push(tokio::spawn(async move {
+            let off = (i * 37 % 2000) * 4096;
+            rep.write(off, Bytes::from(vec![(i % 251) as u8; 4096]), false).await.unwrap();
+            (off, (i % 251) as u8)
+        }));
+    }
+    let mut last = std::collections::HashMap::new();
+    for t in tasks {
+        let (off, v) = t.await.unwrap();
+        last.insert(off, v);
+    }
+    for (off, v) in last {
+        assert!(rep.read(off, 4096).await.unwrap().iter().all(|&b| b == v));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_size_and_stale_epoch() {
+    let r = start().await;
+    let first = RemoteReplica::connect(&r.addr, "vol", SIZE, 5, opts()).await.unwrap();
+    first.write(0, Bytes::from(vec![1u8; 4096]), false).await.unwrap();
+
+    let e = RemoteReplica::connect(&r.addr, "other", SIZE, 6, opts()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    let e = RemoteReplica::connect(&r.addr, "vol", SIZE * 2, 6, opts()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    let e = RemoteReplica::connect(&r.addr, "vol", SIZE, 4, opts()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Fenced, "{e}");
+
+    // Refused attaches fence nobody.
+    first.write(0, Bytes::from(vec![1u8; 4096]), false).await.unwrap();
+
+    // A newer controller takes over: the old one is fenced from then on.
+    let second = RemoteReplica::connect(&r.addr, "vol", SIZE, 6, opts()).await.unwrap();
+    let e = first.write(0, Bytes::from(vec![2u8; 4096]), false).await.unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::Fenced | ErrorKind::Disconnected), "{e}");
+    assert!(second.read(0, 4096).await.unwrap().iter().all(|&b| b == 1), "fenced write landed");
+    let e = RemoteReplica::connect(&r.addr, "vol", SIZE, 5, opts()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Fenced);
+}
+
+/// Opens a raw attached connection and returns the stream after the hello.
+async fn raw_attached(addr: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut out = BytesMut::new();
+    let hello = wire::Hello {
+        version: wire::PROTOCOL_VERSION,
+        mode: wire::HelloMode::Attach,
+        size: SIZE,
+        epoch: 1,
+        volume: "vol".into(),
+    };
+    wire::encode_hello(&hello, &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(reply) = wire::decode_hello_reply(&mut buf).unwrap() {
+            assert_eq!(reply.status, 0, "{}", reply.message);
+            return s;
+        }
+        assert!(s.read_buf(&mut buf).await.unwrap() > 0);
+    }
+}
+
+async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut v = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut v))
+        .await
+        .expect("server must close a connection that sent garbage")
+        .ok();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_close_the_connection_and_change_nothing() {
+    let r = start().await;
+    let good = RemoteReplica::connect(&r.addr, "vol", SIZE, 1, opts()).await.unwrap();
+    good.write(0, Bytes::from(vec![3u8; 4096]), false).await.unwrap();
+
+    // Garbage instead of a hello.
+    let mut s = TcpStream::connect(&r.addr).await.unwrap();
+    s.write_all(&[0xAB; 100]).await.unwrap();
+    read_to_close(&mut s).await;
+
+    // After the handshake: bad magic; a WRITE header claiming 1 GiB.
+    let mut s = raw_attached(&r.addr).await;
+    s.write_all(&[0u8; 64]).await.unwrap();
+    read_to_close(&mut s).await;
+    let mut s = raw_attached(&r.addr).await;
+    let mut b = BytesMut::new();
+    let req = Request { opcode: Opcode::Read, flags: 0, tag: 9, offset: 0, length: 1 << 30, data: Bytes::new() };
+    wire::encode_request_header(&req, &mut b);
+    s.write_all(&b).await.unwrap();
+    read_to_close(&mut s).await;
+
+    // A well-formed write past the end gets an error response, not a crash.
+    let mut s = raw_attached(&r.addr).await;
+    let mut b = BytesMut::new();
+    let req = Request {
+        opcode: Opcode::Write,
+        flags: 0,
+        tag: 42,
+        offset: SIZE - 100,
+        length: 4096,
+        data: Bytes::from(vec![9u8; 4096]),
+    };
+    wire::encode_request_header(&req, &mut b);
+    b.put_slice(&req.data);
+    s.write_all(&b).await.unwrap();
+    let mut buf = BytesMut::new();
+    let resp = loop {
+        if let Some(resp) = wire::decode_response(&mut buf).unwrap() {
+            break resp;
+        }
+        assert!(s.read_buf(&mut buf).await.unwrap() > 0);
+    };
+    assert_eq!(resp.tag, 42);
+    assert_eq!(ErrorKind::from_code(resp.status), ErrorKind::OutOfRange);
+
+    // The well-behaved controller is unaffected and the data unchanged.
+    assert!(good.read(0, 4096).await.unwrap().iter().all(|&b| b == 3));
+    assert!(good.read(SIZE - 4096, 4096).await.unwrap().iter().all(|&b| b == 0));
+}
