@@ -157,3 +157,12 @@ fn data_survives_restart_of_jiva_up() {
     assert!(std::fs::read(&back).unwrap() == data, "data differs after restart");
     up.stop();
 }
+
+#[test]
+fn fio_verifies_with_the_sync_engine_and_one_replica() {
+    require("fio");
+    let dir = tmp();
+    let up = Up::start(dir.path(), "64M", 1, &["--io-engine", "sync"]);
+    fio_verify(&up.uri, "4k", "16M");
+    up.stop();
+}

@@ -98,7 +98,7 @@ kt_case() {
     done
     if [ $rc -eq 0 ]; then
         KT_IN_CASE=1 KT_CASE=$name timeout -k 15 "$t" \
-            bash -c 'set -euo pipefail; . "$KT_CASE_FILE_PATH"; set -x; "$@"' "kt-$name" "$@" \
+            bash -c 'set -euo pipefail; . "$KT_CASE_FILE_PATH"; PS4="+ \${EPOCHREALTIME%???} "; set -x; "$@"' "kt-$name" "$@" \
             >>"$log" 2>&1 </dev/null
         rc=$?
     fi
@@ -192,7 +192,7 @@ jiva_up() {
     echo "==== $(date +%T) jiva up --dir $dir --size $size --replicas $replicas --name $vol --nbd $addr $*" >>"$log"
     (
         { set +ex; } 2>/dev/null
-        JIVA_LOG=${JIVA_LOG:-info} sh -c 'echo $$ >"$1"; shift; exec "$@"' kt-jiva "$s/pid" \
+        NO_COLOR=1 JIVA_LOG=${JIVA_LOG:-info} sh -c 'echo $$ >"$1"; shift; exec "$@"' kt-jiva "$s/pid" \
             "$KT_JIVA" up --dir "$dir" --size "$size" --replicas "$replicas" --name "$vol" --nbd "$addr" "$@" \
             >"$s/stdout" 2>>"$log" </dev/null
         echo $? >"$s/rc.tmp" && mv "$s/rc.tmp" "$s/rc"
@@ -227,13 +227,13 @@ jiva_running() {
     [ -e "$s/pid" ] && [ ! -e "$s/rc" ] && kill -0 "$(cat "$s/pid")" 2>/dev/null
 }
 
-# Pids of live processes whose command line mentions PATTERN.
+# Pids of live processes whose command line mentions the string S (one grep
+# over /proc; the bracketed first character keeps grep from matching itself).
 kt_pids_mentioning() {
-    local p
-    for p in /proc/[0-9]*; do
-        [ "${p#/proc/}" = "$$" ] && continue
-        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "$1" && echo "${p#/proc/}"
-    done
+    local s=$1 re
+    re=$(printf '%s' "${s:1}" | sed 's/[][\\.^$*+?(){}|]/\\&/g')
+    re="[${s:0:1}]$re"
+    grep -laE -- "$re" /proc/[0-9]*/cmdline 2>/dev/null | sed -n 's|^/proc/\([0-9]*\)/cmdline$|\1|p'
     return 0
 }
 
