@@ -43,6 +43,23 @@ pub struct Capabilities {
     pub read_only: bool,
 }
 
+impl Capabilities {
+    /// Everything a writable replicated device offers: flush, FUA, TRIM,
+    /// fast WRITE_ZEROES, block status and multi-connection consistency.
+    pub const fn full() -> Capabilities {
+        Capabilities {
+            flush: true,
+            fua: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            block_status: true,
+            multi_conn: true,
+            read_only: false,
+        }
+    }
+}
+
 /// Allocation state of an extent, as reported by [`BlockDevice::block_status`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExtentState {

@@ -110,16 +110,7 @@ impl BlockDevice for MemDevice {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            flush: true,
-            fua: true,
-            trim: true,
-            write_zeroes: true,
-            fast_zero: true,
-            block_status: true,
-            multi_conn: true,
-            read_only: false,
-        }
+        Capabilities::full()
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {

@@ -275,16 +275,7 @@ impl<R: BlockDevice> BlockDevice for Volume<R> {
     fn capabilities(&self) -> Capabilities {
         // Flush goes to every replica and covers every completed write, so
         // several connections may share the volume.
-        Capabilities {
-            flush: true,
-            fua: true,
-            trim: true,
-            write_zeroes: true,
-            fast_zero: true,
-            block_status: true,
-            multi_conn: true,
-            read_only: false,
-        }
+        Capabilities::full()
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {

@@ -246,16 +246,7 @@ impl BlockDevice for Store {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            flush: true,
-            fua: true,
-            trim: true,
-            write_zeroes: true,
-            fast_zero: true,
-            block_status: true,
-            multi_conn: true,
-            read_only: false,
-        }
+        Capabilities::full()
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {

@@ -169,7 +169,8 @@ async fn hostile_frames_close_the_connection_and_change_nothing() {
     read_to_close(&mut s).await;
     let mut s = raw_attached(&r.addr).await;
     let mut b = BytesMut::new();
-    let req = Request { opcode: Opcode::Read, flags: 0, tag: 9, offset: 0, length: 1 << 30, data: Bytes::new() };
+    let req =
+        Request { opcode: Opcode::Read, flags: 0, tag: 9, offset: 0, length: 1 << 30, data: Bytes::new() };
     wire::encode_request_header(&req, &mut b);
     s.write_all(&b).await.unwrap();
     read_to_close(&mut s).await;
