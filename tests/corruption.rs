@@ -62,7 +62,8 @@ fn flipped_byte_is_served_from_a_good_replica_and_repaired() {
     up.stop();
     // Every bad copy that a read met was rewritten from a good one; after
     // four full reads, the block damaged on two replicas has surely been met.
-    let repaired = hits.iter().filter(|(r, off)| read_byte(&data_file(&vol, *r), *off) == data[*off as usize]);
+    let repaired =
+        hits.iter().filter(|(r, off)| read_byte(&data_file(&vol, *r), *off) == data[*off as usize]);
     assert!(repaired.count() >= 1, "no corrupt copy was repaired");
 }
 
@@ -79,11 +80,25 @@ fn flipped_byte_on_a_single_replica_is_a_clean_read_error() {
 
     let up = Up::start(&vol, "4M", 1, &[]);
     let nbd = format!("nbd://{}/vol", up.addr);
-    let out = run_with_timeout(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x42 8192 4096", &nbd]), MINUTE);
+    let out = run_with_timeout(
+        Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x42 8192 4096", &nbd]),
+        MINUTE,
+    );
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("Input/output error"), "corrupt block must fail with EIO, got: {text}");
     assert!(!text.contains("Pattern verification failed"), "corrupt bytes were returned: {text}");
     // Neighbouring blocks still read correctly.
-    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x42 0 8192", "-c", "read -P 0x42 12288 4096", &nbd]), MINUTE);
+    run_ok(
+        Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x42 0 8192",
+            "-c",
+            "read -P 0x42 12288 4096",
+            &nbd,
+        ]),
+        MINUTE,
+    );
     up.stop();
 }

@@ -119,6 +119,7 @@ fn fio_verify(uri: &str, bs: &str, size: &str) {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ]),
         3 * MINUTE,

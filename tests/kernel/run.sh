@@ -24,7 +24,7 @@ die() {
     echo "kernel tests: ERROR: $*" >&2
     exit 2
 }
-missing_dep() { die "$* -- install the prerequisites with: sudo tests/kernel/install-deps.sh"; }
+missing_dep() { die "$* -- install the prerequisites with (as root): tests/kernel/install-deps.sh"; }
 
 # ------------------------------------------------------------ 1. prerequisites
 command -v qemu-system-x86_64 >/dev/null || missing_dep "qemu-system-x86_64 not found (package qemu-system-x86)"
@@ -221,7 +221,9 @@ for id in $failed_ids $unfinished; do
     echo
     echo "==== FAIL $id"
     tail_file "$out/logs/$base.log" 60 "case log"
-    if [ -s "$out/logs/$base.dmesg" ]; then
+    if [ -n "$problem" ]; then
+        : # the guest console is shown below
+    elif [ -s "$out/logs/$base.dmesg" ]; then
         # The kernel log from the case's start marker on.
         sed -n "/kt: case $id begins/,\$p" "$out/logs/$base.dmesg" >"$work/case.dmesg"
         [ -s "$work/case.dmesg" ] || cp "$out/logs/$base.dmesg" "$work/case.dmesg"

@@ -56,7 +56,7 @@ fio_verify() {
     local out="$KT_OUT/logs/nbd.fio.txt" rc=0
     timeout 900 fio --output="$out" \
         --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=16 \
-        --verify=crc32c --do_verify=1 --verify_fatal=1 --rw=randwrite \
+        --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --rw=randwrite \
         --name=rand4k --bs=4k --offset=0 --size=32M \
         --name=rand64k --stonewall --bs=64k --offset=64M --size=64M || rc=$?
     cat "$out"

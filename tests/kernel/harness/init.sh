@@ -62,7 +62,7 @@ cat >/sbin/kt-modprobe <<'EOS'
 exec /bin/busybox chroot /newroot /sbin/modprobe "$@"
 EOS
 chmod +x /sbin/kt-modprobe
-echo /sbin/kt-modprobe >/proc/sys/kernel/modprobe
+echo /sbin/kt-modprobe >/newroot/proc/sys/kernel/modprobe
 
 say "root ready, running $KT_REPO/tests/kernel/harness/guest-main.sh"
 chroot /newroot /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
