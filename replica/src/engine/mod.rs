@@ -110,6 +110,14 @@ pub enum Completion {
 }
 
 impl Completion {
+    /// A copy of a read's buffer (empty for other operations).
+    pub fn clone_buf(&self) -> Vec<u8> {
+        match self {
+            Completion::Read(buf) => buf.clone(),
+            Completion::Done => Vec::new(),
+        }
+    }
+
     /// The buffer of a read (empty for other operations).
     pub fn into_buf(self) -> Vec<u8> {
         match self {
