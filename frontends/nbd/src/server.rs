@@ -218,6 +218,10 @@ impl<D: BlockDevice> NbdServer<D> {
             }
         };
         drop(listener);
+        // Reap sessions that ended since the last accept, so the count is true.
+        while let Some(done) = sessions.try_join_next() {
+            log_join_error(done, "session");
+        }
         info!(sessions = sessions.len(), "NBD server shutting down");
         // Receivers never observe a send error: they live in the sessions.
         let _ = stop_tx.send(true);
