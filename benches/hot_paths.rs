@@ -14,7 +14,16 @@ use jiva_replica::format::{self, BlockRecord};
 
 fn wire_codec(c: &mut Criterion) {
     let data = Bytes::from(vec![7u8; 4096]);
-    let req = Request { opcode: Opcode::Write, flags: 0, tag: 42, offset: 1 << 30, length: 4096, data };
+    let req = Request {
+        opcode: Opcode::Write,
+        flags: 0,
+        tag: 42,
+        offset: 1 << 30,
+        length: 4096,
+        generation: 0,
+        crc: 0,
+        data,
+    };
     let mut frame = BytesMut::new();
     wire::encode_request_header(&req, &mut frame);
     frame.put_slice(&req.data);

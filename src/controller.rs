@@ -1,16 +1,17 @@
 //! `jiva controller`: attaches to a volume's replicas under a new epoch,
-//! replicates I/O over them (`jiva_core::volume`), and serves the volume
-//! through NBD.
+//! reconciles them (newest generation serves, others are rebuilt),
+//! replicates I/O over them (`jiva_core::volume`), serves the volume through
+//! NBD, and its status and replica set through the HTTP API (`--api`).
 
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use jiva_core::remote::{self, RemoteOptions, RemoteReplica};
+use jiva_core::remote::{self, RemoteConnector, RemoteOptions};
 use jiva_core::size::ByteSize;
-use jiva_core::volume::Volume;
-use jiva_core::{BLOCK_SIZE, BlockDevice};
+use jiva_core::volume::{Volume, VolumeOptions};
+use jiva_core::{BLOCK_SIZE, ErrorKind};
 use jiva_nbd::NbdServer;
 use tokio::net::TcpListener;
 
@@ -31,9 +32,58 @@ pub struct Args {
     /// How long to keep retrying replicas that are not up yet.
     #[arg(long, default_value = "30", value_name = "SECONDS")]
     connect_timeout: u64,
-    /// Bound on one replica request before it counts as failed.
-    #[arg(long, default_value = "30", value_name = "SECONDS")]
+    /// Bound on one replica request before the replica counts as failed.
+    #[arg(long, default_value = "5", value_name = "SECONDS")]
     request_timeout: u64,
+    /// Serve I/O only with at least this many healthy replicas.
+    #[arg(long, default_value_t = 1)]
+    min_healthy: usize,
+    /// How long I/O waits for enough healthy replicas before failing.
+    #[arg(long, default_value = "30", value_name = "SECONDS")]
+    io_wait: u64,
+    /// Heartbeat and reconnect period.
+    #[arg(long, default_value = "1000", value_name = "MS")]
+    heartbeat_ms: u64,
+    /// Start a new generation this often while writes happen (bounds what
+    /// an incremental rebuild copies).
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    checkpoint_interval: u64,
+    /// Rebuild copy rate limit per replica, bytes per second (K/M/G; 0 = unlimited).
+    #[arg(long, default_value = "0", value_name = "RATE")]
+    rebuild_rate: ByteSize,
+    /// Address of the HTTP/JSON control API (e.g. 127.0.0.1:9500).
+    #[arg(long, value_name = "ADDR")]
+    api: Option<String>,
+    /// Also serve the volume as an iSCSI target on this address (e.g. 127.0.0.1:3260).
+    #[arg(long, value_name = "ADDR")]
+    iscsi: Option<String>,
+    /// iSCSI target name [default: iqn.2026-11.io.jiva:NAME].
+    #[arg(long, value_name = "IQN", requires = "iscsi")]
+    iqn: Option<String>,
+    /// CHAP name iSCSI initiators must log in with (needs a secret).
+    #[arg(long, value_name = "USER", requires_all = ["iscsi", "chap_secret"])]
+    chap_user: Option<String>,
+    /// CHAP secret for --chap-user.
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "JIVA_CHAP_SECRET",
+        hide_env_values = true,
+        requires = "chap_user"
+    )]
+    chap_secret: Option<String>,
+    /// Mutual CHAP: the name the target answers initiators' challenges with.
+    #[arg(long, value_name = "USER", requires_all = ["chap_user", "chap_target_secret"])]
+    chap_target_user: Option<String>,
+    /// Mutual CHAP: the target's secret.
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "JIVA_CHAP_TARGET_SECRET",
+        hide_env_values = true,
+        requires = "chap_target_user"
+    )]
+    chap_target_secret: Option<String>,
 }
 
 /// Probes a replica until it answers or the deadline passes.
@@ -66,10 +116,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.connect_timeout);
 
     // Take the volume over with an epoch newer than any replica has seen,
-    // which fences any controller still running with an older one.
+    // which fences any controller still running with an older one. Wait
+    // for every replica until the deadline, then go on with those that
+    // answered (the volume refuses to start if any of them may be stale).
     let mut epoch = 0;
+    let mut reachable = 0;
     for addr in &args.replicas {
-        let info = probe_until(addr, deadline, &opts).await?;
+        let info = match probe_until(addr, deadline, &opts).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!("{e:#}");
+                continue;
+            }
+        };
         if let Some(err) = info.error() {
             return Err(err).with_context(|| format!("replica {addr} refused the probe"));
         }
@@ -80,35 +139,107 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             bail!("replica {addr} has size {} but the volume has {}", ByteSize(info.size), args.size);
         }
         epoch = epoch.max(info.epoch);
+        reachable += 1;
+    }
+    if reachable == 0 {
+        bail!("no replica answered within {} s", args.connect_timeout);
     }
     let epoch = epoch + 1;
-    let mut members = Vec::new();
-    for addr in &args.replicas {
-        let r = RemoteReplica::connect(addr, &args.name, size, epoch, opts)
+    let vopts = VolumeOptions {
+        min_healthy: args.min_healthy.max(1),
+        io_wait: Duration::from_secs(args.io_wait),
+        heartbeat: Duration::from_millis(args.heartbeat_ms.max(10)),
+        checkpoint_interval: Duration::from_secs(args.checkpoint_interval.max(1)),
+        rebuild_rate: args.rebuild_rate.bytes(),
+        ..VolumeOptions::default()
+    };
+    let connector = RemoteConnector { volume: args.name.clone(), size, opts };
+    let volume = loop {
+        match Volume::open(args.name.clone(), size, epoch, connector.clone(), &args.replicas, vopts.clone())
             .await
-            .with_context(|| format!("attaching replica {addr}"))?;
-        members.push((addr.clone(), r));
-    }
-    let volume = Arc::new(Volume::new(args.name.clone(), size, members)?);
+        {
+            Ok(v) => break v,
+            Err(e) if e.kind() == ErrorKind::Unavailable && Instant::now() < deadline => {
+                tracing::warn!("waiting for replicas: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("opening the volume"),
+        }
+    };
 
+    let api = match &args.api {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("API listen on {addr}"))?;
+            let local = l.local_addr()?;
+            tokio::spawn(crate::api::serve(l, volume.clone()));
+            Some(local)
+        }
+        None => None,
+    };
     let listener =
         TcpListener::bind(&args.nbd).await.with_context(|| format!("NBD listen on {}", args.nbd))?;
     let nbd_addr = listener.local_addr()?;
+    let iscsi = match &args.iscsi {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("iSCSI listen on {addr}"))?;
+            let iqn = args.iqn.clone().unwrap_or_else(|| jiva_iscsi::default_iqn(&args.name));
+            let mut target = jiva_iscsi::IscsiTarget::new(volume.clone(), iqn)
+                .with_identity(jiva_scsi::Identity::for_volume(&args.name))
+                .with_alias(args.name.clone());
+            if let (Some(user), Some(secret)) = (&args.chap_user, &args.chap_secret) {
+                target = target.with_chap(user.clone(), secret.clone());
+            }
+            if let (Some(user), Some(secret)) = (&args.chap_target_user, &args.chap_target_secret) {
+                target = target.with_mutual_chap(user.clone(), secret.clone());
+            }
+            Some((l.local_addr()?, Arc::new(target), l))
+        }
+        None => None,
+    };
     tracing::info!(
-        volume = %args.name, size = %args.size, replicas = args.replicas.len(), epoch,
+        volume = %args.name, size = %args.size, replicas = args.replicas.len(), epoch, api = ?api,
         "controller serving NBD on {nbd_addr}"
     );
     {
-        // The first stdout line tells a supervisor (`jiva up`) we are ready.
+        // The first stdout line tells a supervisor (`jiva up`) we are ready,
+        // and where the NBD server and the API are.
         let mut out = std::io::stdout().lock();
-        writeln!(out, "ready nbd://{nbd_addr}/{}", args.name)?;
+        match api {
+            Some(api) => write!(out, "ready nbd://{nbd_addr}/{} api http://{api}", args.name)?,
+            None => write!(out, "ready nbd://{nbd_addr}/{}", args.name)?,
+        }
+        if let Some((addr, target, _)) = &iscsi {
+            write!(out, " iscsi {addr} {}", target.iqn())?;
+        }
+        writeln!(out)?;
         out.flush()?;
     }
+    // One stop signal for both frontends.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::signals::terminated().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
     let server = Arc::new(NbdServer::new(volume.clone(), args.name.clone()));
-    server.serve(listener, crate::signals::terminated()).await?;
+    let nbd = server.serve(listener, stopped(stop_rx.clone()));
+    let iscsi = async {
+        match iscsi {
+            Some((addr, target, l)) => {
+                tracing::info!("serving iSCSI target {} on {addr}", target.iqn());
+                target.serve(l, stopped(stop_rx.clone())).await
+            }
+            None => Ok(()),
+        }
+    };
+    let (nbd, iscsi) = tokio::join!(nbd, iscsi);
+    nbd?;
+    iscsi.context("iSCSI target")?;
 
     tracing::info!("stopping: flushing replicas");
-    if let Err(e) = volume.flush().await {
+    if let Err(e) = volume.shutdown().await {
         tracing::warn!("final flush failed: {e}");
     }
     Ok(())

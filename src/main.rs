@@ -2,7 +2,11 @@
 //! copy of a volume from a directory, `jiva controller` replicates a volume
 //! over replicas and presents it through NBD, and `jiva up` starts a
 //! complete local volume (N replicas and a controller) in one command.
+//! `jiva volume status` and `jiva replica ls|add|rm` drive a running
+//! controller through its HTTP API.
 
+mod api;
+mod cli;
 mod controller;
 mod replica;
 mod signals;
@@ -25,12 +29,38 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve one replica of a volume from a directory.
-    Replica(replica::Args),
+    /// Serve one replica of a volume from a directory (`jiva replica
+    /// --listen .. --dir .. --size ..` or `jiva replica serve ..`), or list,
+    /// add and remove a running volume's replicas.
+    Replica(ReplicaCommand),
+    /// Status of a running volume.
+    #[command(subcommand)]
+    Volume(cli::VolumeCommand),
     /// Replicate a volume over replicas and serve it over NBD.
     Controller(controller::Args),
     /// Start a local volume: N replica processes and a controller.
     Up(up::Args),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ReplicaCommand {
+    #[command(subcommand)]
+    action: Option<ReplicaAction>,
+    #[command(flatten)]
+    serve: replica::Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplicaAction {
+    /// Serve one replica (same as the flag form `jiva replica --dir ..`).
+    Serve(replica::Args),
+    /// List the volume's replicas with state and rebuild progress.
+    Ls(cli::ApiArgs),
+    /// Add a replica (it is rebuilt while I/O continues).
+    Add(cli::AddArgs),
+    /// Remove a replica.
+    Rm(cli::RmArgs),
 }
 
 fn init_logging() {
@@ -56,7 +86,14 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Replica(args) => replica::run(args).await,
+            Command::Replica(ReplicaCommand { action: None, serve }) => replica::run(serve).await,
+            Command::Replica(ReplicaCommand { action: Some(action), .. }) => match action {
+                ReplicaAction::Serve(args) => replica::run(args).await,
+                ReplicaAction::Ls(args) => cli::ls(args).await,
+                ReplicaAction::Add(args) => cli::add(args).await,
+                ReplicaAction::Rm(args) => cli::rm(args).await,
+            },
+            Command::Volume(cmd) => cli::volume(cmd).await,
             Command::Controller(args) => controller::run(args).await,
             Command::Up(args) => up::run(args).await,
         }

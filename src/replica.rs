@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use jiva_core::size::ByteSize;
-use jiva_replica::server::ReplicaServer;
+use jiva_replica::server::{Faults, ReplicaServer};
 use jiva_replica::{EngineKind, Store, StoreOptions};
 use tokio::net::TcpListener;
 
@@ -18,16 +18,27 @@ pub struct Args {
     listen: String,
     /// Directory holding this replica's data (created if missing).
     #[arg(long)]
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     /// Volume size (K/M/G/T suffixes); must match an existing store.
     #[arg(long)]
-    size: ByteSize,
+    size: Option<ByteSize>,
     /// I/O engine; by default io_uring, falling back to pread/pwrite.
     #[arg(long, value_name = "uring|sync")]
     io_engine: Option<EngineKind>,
 }
 
+/// Test-only fault injection: reads of these blocks (`A-B,C,...`) fail with EIO.
+const FAULT_ENV: &str = "JIVA_TEST_FAULT_EIO_BLOCKS";
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let (Some(dir), Some(size)) = (args.dir.clone(), args.size) else {
+        anyhow::bail!("`jiva replica` needs --dir and --size (or a subcommand: ls, add, rm, serve)");
+    };
+    let args = Resolved { listen: args.listen, dir, size, io_engine: args.io_engine };
+    let faults = match std::env::var(FAULT_ENV) {
+        Ok(spec) => Faults::parse(&spec).map_err(|e| anyhow::anyhow!("{FAULT_ENV}: {e}"))?,
+        Err(_) => Faults::default(),
+    };
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let store = Store::open(&args.dir, args.size.bytes(), StoreOptions { engine: args.io_engine })
         .await
@@ -43,9 +54,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         writeln!(out, "listening on {addr}")?;
         out.flush()?;
     }
-    let server = Arc::new(ReplicaServer::new(store.clone()));
+    let server = Arc::new(ReplicaServer::new(store.clone()).with_faults(faults));
     server.serve(listener, crate::signals::terminated()).await?;
     tracing::info!("stopping: flushing and closing the store");
     store.close().await.context("closing the store")?;
     Ok(())
+}
+
+struct Resolved {
+    listen: String,
+    dir: PathBuf,
+    size: ByteSize,
+    io_engine: Option<EngineKind>,
 }

@@ -1,8 +1,11 @@
 //! `jiva up`: a complete local volume in one command. Starts N replica
 //! processes (each in DIR/replica-K) and one controller on loopback, prints
-//! the NBD URI, and stays in the foreground until Ctrl-C or SIGTERM, then
-//! stops the controller (which flushes) and the replicas (which close their
-//! stores cleanly). Running it again with the same DIR reopens the volume.
+//! the NBD URI and the control API address, and stays in the foreground
+//! until Ctrl-C or SIGTERM, then stops the controller (which flushes) and
+//! the replicas (which close their stores cleanly). A replica process that
+//! dies is restarted on the same directory and port (ports are chosen once
+//! and kept in DIR/ports), so the controller reconnects and rebuilds it.
+//! Running it again with the same DIR reopens the volume.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -34,6 +37,51 @@ pub struct Args {
     /// I/O engine for the replicas.
     #[arg(long, value_name = "uring|sync")]
     io_engine: Option<EngineKind>,
+    /// Control API listen address (`jiva volume status` etc. use it).
+    #[arg(long, default_value = "127.0.0.1:9500")]
+    api: String,
+    /// Serve I/O only with at least this many healthy replicas.
+    #[arg(long, default_value_t = 1)]
+    min_healthy: usize,
+    /// Rebuild copy rate limit per replica, bytes per second (0 = unlimited).
+    #[arg(long, default_value = "0", value_name = "RATE")]
+    rebuild_rate: ByteSize,
+    /// Start a new generation this often while writes happen.
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    checkpoint_interval: u64,
+    /// Do not restart replica processes that exit.
+    #[arg(long)]
+    no_restart: bool,
+    /// Also serve the volume as an iSCSI target on this address.
+    #[arg(long, value_name = "ADDR")]
+    iscsi: Option<String>,
+}
+
+/// The replicas' listen addresses, chosen on the first run and kept in
+/// DIR/ports so that a restarted replica comes back where the controller
+/// looks for it.
+fn replica_addrs(dir: &std::path::Path, n: u32) -> anyhow::Result<Vec<String>> {
+    let path = dir.join("ports");
+    let mut addrs: Vec<String> = std::fs::read_to_string(&path)
+        .map(|s| s.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+        .unwrap_or_default();
+    let before = addrs.len();
+    while addrs.len() < n as usize {
+        // Ask the kernel for a free loopback port, then release it for the replica.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").context("picking a replica port")?;
+        let addr = l.local_addr()?.to_string();
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    if addrs.len() != before {
+        let tmp = dir.join("ports.tmp");
+        std::fs::write(&tmp, addrs.join("\n") + "\n")
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    addrs.truncate(n as usize);
+    Ok(addrs)
 }
 
 /// A child process that announced itself with one stdout line.
@@ -105,14 +153,14 @@ async fn stop(mut s: Started, grace: Duration) {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let size = args.size.bytes().to_string();
-    let mut replicas = Vec::new();
-    let mut addrs = Vec::new();
-    for k in 1..=args.replicas {
+    let listen = replica_addrs(&args.dir, args.replicas)?;
+    let mut replica_args = Vec::new();
+    for (k, addr) in (1..=args.replicas).zip(&listen) {
         let dir = args.dir.join(format!("replica-{k}"));
         let mut a = vec![
             "replica".to_string(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            addr.clone(),
             "--dir".into(),
             dir.display().to_string(),
             "--size".into(),
@@ -121,7 +169,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         if let Some(engine) = args.io_engine {
             a.extend(["--io-engine".to_string(), engine.to_string()]);
         }
-        let started = start(format!("replica-{k}"), &a, "listening on ").await;
+        replica_args.push(a);
+    }
+    let mut replicas = Vec::new();
+    let mut addrs = Vec::new();
+    for (k, a) in (1..=args.replicas).zip(&replica_args) {
+        let started = start(format!("replica-{k}"), a, "listening on ").await;
         match started {
             Ok((s, addr)) => {
                 replicas.push(s);
@@ -143,11 +196,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         size.clone(),
         "--nbd".into(),
         args.nbd.clone(),
+        "--api".into(),
+        args.api.clone(),
+        "--min-healthy".into(),
+        args.min_healthy.to_string(),
+        "--rebuild-rate".into(),
+        args.rebuild_rate.bytes().to_string(),
+        "--checkpoint-interval".into(),
+        args.checkpoint_interval.to_string(),
     ];
     for addr in &addrs {
         a.extend(["--replica".to_string(), addr.clone()]);
     }
-    let (mut controller, uri) = match start("controller".into(), &a, "ready ").await {
+    if let Some(iscsi) = &args.iscsi {
+        a.extend(["--iscsi".to_string(), iscsi.clone()]);
+    }
+    let (mut controller, ready) = match start("controller".into(), &a, "ready ").await {
         Ok(x) => x,
         Err(e) => {
             for s in replicas {
@@ -155,6 +219,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
             return Err(e);
         }
+    };
+    // "... iscsi ADDR IQN" comes last on the controller's ready line.
+    let (ready, iscsi) = match ready.split_once(" iscsi ") {
+        Some((rest, iscsi)) => (rest.to_string(), Some(iscsi.trim().to_string())),
+        None => (ready, None),
+    };
+    let (uri, api) = match ready.split_once(" api ") {
+        Some((uri, api)) => (uri.trim().to_string(), api.trim().to_string()),
+        None => (ready.clone(), String::new()),
     };
     let nbd_addr = uri.trim_start_matches("nbd://").split('/').next().unwrap_or_default().to_string();
     let (host, port) = nbd_addr.rsplit_once(':').unwrap_or((nbd_addr.as_str(), "10809"));
@@ -166,14 +239,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.dir.display()
     );
     println!("NBD URI: {uri}");
+    println!("API: {api}");
     println!("attach:  nbd-client {host} {port} /dev/nbd0 -N {}", args.name);
+    if let Some((portal, iqn)) = iscsi.as_deref().and_then(|i| i.split_once(' ')) {
+        println!("iSCSI: {portal} {iqn}");
+        println!(
+            "attach:  iscsiadm -m discovery -t st -p {portal} && iscsiadm -m node -T {iqn} -p {portal} --login"
+        );
+    }
     println!("stop:    Ctrl-C");
 
-    let outcome = tokio::select! {
-        _ = crate::signals::terminated() => Ok(()),
-        status = controller.child.wait() => Err(anyhow::anyhow!(
-            "controller exited unexpectedly ({})", status.map(|s| s.to_string()).unwrap_or_default()
-        )),
+    let mut check = tokio::time::interval(Duration::from_millis(200));
+    let outcome = loop {
+        tokio::select! {
+            _ = crate::signals::terminated() => break Ok(()),
+            status = controller.child.wait() => break Err(anyhow::anyhow!(
+                "controller exited unexpectedly ({})", status.map(|s| s.to_string()).unwrap_or_default()
+            )),
+            _ = check.tick(), if !args.no_restart => {
+                for (i, r) in replicas.iter_mut().enumerate() {
+                    let Ok(Some(status)) = r.child.try_wait() else { continue };
+                    tracing::warn!("{} exited ({status}); restarting it", r.what);
+                    match start(r.what.clone(), &replica_args[i], "listening on ").await {
+                        Ok((s, _)) => *r = s,
+                        Err(e) => tracing::warn!("restarting {} failed: {e:#}; will retry", r.what),
+                    }
+                }
+            }
+        }
     };
     tracing::info!("stopping volume {}", args.name);
     stop(controller, Duration::from_secs(30)).await;

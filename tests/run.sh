@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Runs the fast test suite: unit, property and integration tests, the
-# integration tests against real NBD peers (nbdinfo, nbdcopy, qemu-img, fio).
+# integration tests against real NBD peers (nbdinfo, nbdcopy, qemu-img, fio)
+# and iSCSI peers (libiscsi tools and iscsi-test-cu, qemu-img, tgtd).
 # Installs the peers first when they are missing and we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for tool in nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit fio:fio qemu-img:qemu-utils qemu-io:qemu-utils nbdsh:python3-libnbd; do
+for tool in nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit fio:fio qemu-img:qemu-utils qemu-io:qemu-utils nbdsh:python3-libnbd \
+    iscsi-test-cu:libiscsi-bin iscsi-inq:libiscsi-bin tgtd:tgt; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
+# qemu's iscsi:// driver is a module of its own.
+ls /usr/lib/*/qemu/block-iscsi.so >/dev/null 2>&1 || need+=(qemu-block-extra)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "installing test peers: ${need[*]}"

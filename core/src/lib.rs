@@ -11,6 +11,7 @@ pub mod error;
 pub mod mem;
 pub mod range_lock;
 pub mod remote;
+pub mod replica;
 pub mod size;
 pub mod volume;
 pub mod wire;

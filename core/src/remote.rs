@@ -20,7 +20,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::device::{BlockDevice, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Op, Result};
-use crate::wire::{self, Hello, HelloMode, HelloReply, Opcode, Request, Response};
+use crate::replica::{Connector, Replica};
+use crate::wire::{
+    self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
+};
 
 /// Connection settings for a [`RemoteReplica`].
 #[derive(Clone, Copy, Debug)]
@@ -33,7 +36,7 @@ pub struct RemoteOptions {
 
 impl Default for RemoteOptions {
     fn default() -> RemoteOptions {
-        RemoteOptions { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(30) }
+        RemoteOptions { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -80,6 +83,7 @@ pub struct RemoteReplica {
     addr: String,
     size: u64,
     epoch: u64,
+    meta: Option<ReplicaMeta>,
     opts: RemoteOptions,
     conn: Arc<Conn>,
 }
@@ -172,7 +176,7 @@ impl RemoteReplica {
         });
         tokio::spawn(write_loop(conn.clone(), rx, wr));
         tokio::spawn(read_loop(conn.clone(), rd));
-        Ok(RemoteReplica { addr: addr.to_string(), size, epoch, opts, conn })
+        Ok(RemoteReplica { addr: addr.to_string(), size, epoch, meta: reply.meta, opts, conn })
     }
 
     pub fn addr(&self) -> &str {
@@ -193,19 +197,26 @@ impl RemoteReplica {
         self.conn.shut();
     }
 
-    /// A no-op round trip.
-    pub async fn ping(&self) -> Result<()> {
-        self.call(Opcode::Ping, 0, 0, 0, Bytes::new()).await.map(|_| ())
+    /// The replica's metadata as of the handshake.
+    pub fn attach_meta(&self) -> Option<&ReplicaMeta> {
+        self.meta.as_ref()
     }
 
     async fn call(&self, opcode: Opcode, flags: u8, offset: u64, length: u64, data: Bytes) -> Result<Bytes> {
+        let req = Request { opcode, flags, tag: 0, offset, length, generation: 0, crc: 0, data };
+        self.send(req).await
+    }
+
+    async fn send(&self, mut req: Request) -> Result<Bytes> {
+        let (opcode, offset) = (req.opcode, req.offset);
         let op = match opcode {
-            Opcode::Read => Op::Read,
+            Opcode::Read | Opcode::GetStamps => Op::Read,
             Opcode::Write => Op::Write,
             Opcode::Flush | Opcode::Ping => Op::Flush,
             Opcode::Trim => Op::Trim,
             Opcode::WriteZeroes => Op::WriteZeroes,
             Opcode::BlockStatus => Op::BlockStatus,
+            Opcode::GetMeta | Opcode::SetMembership | Opcode::SetRebuild => Op::Handshake,
         };
         let conn = &*self.conn;
         let tag = conn.next_tag.fetch_add(1, Ordering::Relaxed);
@@ -218,7 +229,7 @@ impl RemoteReplica {
             pending.insert(tag, done_tx);
         }
         let _guard = PendingGuard { conn, tag };
-        let req = Request { opcode, flags, tag, offset, length, data };
+        req.tag = tag;
         let mut header = BytesMut::with_capacity(wire::REQUEST_LEN);
         wire::encode_request_header(&req, &mut header);
         if conn.tx.send(Outgoing { header: header.freeze(), data: req.data }).is_err() {
@@ -324,9 +335,7 @@ impl BlockDevice for RemoteReplica {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
-        let len = data.len() as u64;
-        let flags = if fua { wire::FLAG_FUA } else { 0 };
-        self.call(Opcode::Write, flags, offset, len, data).await.map(|_| ())
+        self.write_at(offset, data, fua, 0, None).await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -334,11 +343,53 @@ impl BlockDevice for RemoteReplica {
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        let flags = if fua { wire::FLAG_FUA } else { 0 };
-        self.call(Opcode::Trim, flags, offset, len, Bytes::new()).await.map(|_| ())
+        self.trim_at(offset, len, fua, 0).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, zf: ZeroFlags) -> Result<()> {
+        self.zeroes_at(offset, len, zf, 0).await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let payload = self.call(Opcode::BlockStatus, 0, offset, len, Bytes::new()).await?;
+        Ok(wire::decode_extents(&payload)?)
+    }
+}
+
+impl Replica for RemoteReplica {
+    async fn write_at(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        generation: u64,
+        crc: Option<u32>,
+    ) -> Result<()> {
+        let mut flags = if fua { wire::FLAG_FUA } else { 0 };
+        if crc.is_some() {
+            flags |= wire::FLAG_CRC;
+        }
+        let length = data.len() as u64;
+        let req = Request {
+            opcode: Opcode::Write,
+            flags,
+            tag: 0,
+            offset,
+            length,
+            generation,
+            crc: crc.unwrap_or(0),
+            data,
+        };
+        self.send(req).await.map(drop)
+    }
+
+    async fn trim_at(&self, offset: u64, len: u64, fua: bool, generation: u64) -> Result<()> {
+        let flags = if fua { wire::FLAG_FUA } else { 0 };
+        let req = Request { flags, generation, ..Request::simple(Opcode::Trim, 0, offset, len) };
+        self.send(req).await.map(drop)
+    }
+
+    async fn zeroes_at(&self, offset: u64, len: u64, zf: ZeroFlags, generation: u64) -> Result<()> {
         let mut flags = 0;
         if zf.fua {
             flags |= wire::FLAG_FUA;
@@ -346,11 +397,70 @@ impl BlockDevice for RemoteReplica {
         if zf.no_hole {
             flags |= wire::FLAG_NO_HOLE;
         }
-        self.call(Opcode::WriteZeroes, flags, offset, len, Bytes::new()).await.map(|_| ())
+        let req = Request { flags, generation, ..Request::simple(Opcode::WriteZeroes, 0, offset, len) };
+        self.send(req).await.map(drop)
     }
 
-    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let payload = self.call(Opcode::BlockStatus, 0, offset, len, Bytes::new()).await?;
-        Ok(wire::decode_extents(&payload)?)
+    async fn ping(&self) -> Result<()> {
+        self.call(Opcode::Ping, 0, 0, 0, Bytes::new()).await.map(drop)
+    }
+
+    async fn meta(&self) -> Result<ReplicaMeta> {
+        let payload = self.call(Opcode::GetMeta, 0, 0, 0, Bytes::new()).await?;
+        Ok(wire::decode_meta(&payload)?)
+    }
+
+    async fn set_membership(&self, m: &Membership) -> Result<()> {
+        let mut b = BytesMut::new();
+        wire::encode_membership(m, &mut b);
+        self.call(Opcode::SetMembership, 0, 0, 0, b.freeze()).await.map(drop)
+    }
+
+    async fn set_rebuild(&self, mark: Option<&RebuildMark>) -> Result<()> {
+        let mut b = BytesMut::new();
+        if let Some(m) = mark {
+            wire::encode_rebuild(m, &mut b);
+        }
+        self.call(Opcode::SetRebuild, 0, 0, 0, b.freeze()).await.map(drop)
+    }
+
+    async fn stamps(&self, first: u64, count: u64) -> Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(count as usize);
+        let mut at = first;
+        while at < first + count {
+            let n = (first + count - at).min(wire::MAX_STAMPS);
+            let payload = self.call(Opcode::GetStamps, 0, at, n, Bytes::new()).await?;
+            let got = wire::decode_stamps(&payload)?;
+            if got.len() as u64 != n {
+                return Err(Error::new(ErrorKind::Protocol, "wrong number of stamps"));
+            }
+            out.extend(got);
+            at += n;
+        }
+        Ok(out)
+    }
+
+    fn is_connected(&self) -> bool {
+        RemoteReplica::is_connected(self)
+    }
+}
+
+/// Attaches [`RemoteReplica`]s of one volume by address.
+#[derive(Clone, Debug)]
+pub struct RemoteConnector {
+    pub volume: String,
+    pub size: u64,
+    pub opts: RemoteOptions,
+}
+
+impl Connector for RemoteConnector {
+    type Link = RemoteReplica;
+
+    async fn attach(&self, addr: &str, epoch: u64) -> Result<(RemoteReplica, ReplicaMeta)> {
+        let r = RemoteReplica::connect(addr, &self.volume, self.size, epoch, self.opts).await?;
+        let meta = r.meta.clone().ok_or_else(|| {
+            Error::new(ErrorKind::Protocol, format!("replica {addr} sent no metadata")).with_op(Op::Handshake)
+        })?;
+        Ok((r, meta))
     }
 }

@@ -7,15 +7,30 @@
 //!   Hello      "JVHI" u32 | version u16 | mode u8 (0 probe, 1 attach) | name_len u8
 //!              | size u64 | epoch u64 | name[name_len]                       (24 + name)
 //!   HelloReply "JVHR" u32 | version u16 | status u16 | size u64 | epoch u64
-//!              | flags u32 | name_len u16 | msg_len u16 | name | msg          (32 + name + msg)
+//!              | flags u32 | name_len u16 | msg_len u16 | meta_len u16 | reserved u16
+//!              | name | msg | meta                                (36 + name + msg + meta)
 //! Requests (pipelined, tagged; the replica may answer out of order)
-//!   "JVRQ" u32 | opcode u8 | flags u8 | reserved u16 (0) | tag u64 | offset u64 | length u64   (32)
-//!   WRITE is followed by `length` payload bytes.
+//!   "JVRQ" u32 | opcode u8 | flags u8 | reserved u16 (0) | tag u64 | offset u64 | length u64
+//!              | generation u64 | crc u32 | reserved u32 (0)                                  (48)
+//!   WRITE, SET_MEMBERSHIP and SET_REBUILD are followed by `length` payload bytes.
 //! Responses
 //!   "JVRP" u32 | status u16 | reserved u16 | tag u64 | length u32 | reserved u32           (24)
 //!   followed by `length` bytes: READ data, BLOCK_STATUS extents (u64 length | u32 state)*,
+//!   GET_META a [`ReplicaMeta`], GET_STAMPS `length` u64 stamps,
 //!   or a UTF-8 error message when status != 0.
 //! ```
+//!
+//! Version 2 (this one) added the replica metadata in the HelloReply, the
+//! generation and crc fields of requests, and the opcodes GET_META,
+//! SET_MEMBERSHIP, SET_REBUILD and GET_STAMPS. A replica refuses a Hello of
+//! another version, so mixed versions fail at the handshake, never later.
+//!
+//! `generation` on a changing request (WRITE, TRIM, WRITE_ZEROES) is the volume
+//! generation it belongs to: the replica durably raises the stamp of every
+//! region the request touches to at least `generation` before changing it, which is
+//! what incremental rebuild reads back with GET_STAMPS. With [`FLAG_CRC`] a
+//! WRITE's `crc` is the crc32c of its payload and the replica refuses
+//! (`Corrupt`) a payload that does not match (rebuild copies use it).
 //! All integers are big-endian. `status` is 0 for success, otherwise an
 //! [`ErrorKind::code`]. A probe reports the replica's identity without
 //! binding it; an attach binds it to the volume name and epoch (a replica
@@ -28,7 +43,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use crate::device::{Extent, ExtentState, MAX_IO_BYTES};
 use crate::error::{Error, ErrorKind, Result};
 
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const HELLO_MAGIC: u32 = u32::from_be_bytes(*b"JVHI");
 pub const HELLO_REPLY_MAGIC: u32 = u32::from_be_bytes(*b"JVHR");
 pub const REQUEST_MAGIC: u32 = u32::from_be_bytes(*b"JVRQ");
@@ -41,8 +56,15 @@ pub const MAX_MESSAGE_LEN: usize = 1024;
 /// Largest response payload: a READ of [`MAX_IO_BYTES`].
 pub const MAX_RESPONSE_PAYLOAD: u32 = MAX_IO_BYTES;
 
+/// Longest replica metadata blob (HelloReply, GET_META, SET_* payloads).
+pub const MAX_META_LEN: usize = 8192;
+/// Most regions one GET_STAMPS may ask for.
+pub const MAX_STAMPS: u64 = (MAX_IO_BYTES / 8) as u64;
+
 pub const FLAG_FUA: u8 = 1;
 pub const FLAG_NO_HOLE: u8 = 2;
+/// WRITE: `crc` is the crc32c of the payload; the replica checks it.
+pub const FLAG_CRC: u8 = 4;
 
 /// HelloReply flag: the replica's store was shut down cleanly last time.
 pub const HELLO_CLEAN: u32 = 1;
@@ -82,6 +104,14 @@ pub enum Opcode {
     WriteZeroes = 5,
     BlockStatus = 6,
     Ping = 7,
+    /// The replica's [`ReplicaMeta`].
+    GetMeta = 8,
+    /// Durably record a [`Membership`] (payload).
+    SetMembership = 9,
+    /// Durably record a [`RebuildMark`] (payload), or clear it (empty payload).
+    SetRebuild = 10,
+    /// Region stamps: `offset` = first region, `length` = region count.
+    GetStamps = 11,
 }
 
 impl Opcode {
@@ -94,6 +124,10 @@ impl Opcode {
             5 => Opcode::WriteZeroes,
             6 => Opcode::BlockStatus,
             7 => Opcode::Ping,
+            8 => Opcode::GetMeta,
+            9 => Opcode::SetMembership,
+            10 => Opcode::SetRebuild,
+            11 => Opcode::GetStamps,
             _ => return None,
         })
     }
@@ -101,7 +135,8 @@ impl Opcode {
     /// Flags a request with this opcode may carry.
     fn allowed_flags(self) -> u8 {
         match self {
-            Opcode::Write | Opcode::Trim => FLAG_FUA,
+            Opcode::Write => FLAG_FUA | FLAG_CRC,
+            Opcode::Trim => FLAG_FUA,
             Opcode::WriteZeroes => FLAG_FUA | FLAG_NO_HOLE,
             _ => 0,
         }
@@ -135,6 +170,8 @@ pub struct HelloReply {
     pub flags: u32,
     pub volume: String,
     pub message: String,
+    /// The replica's metadata (absent in refusals before the store is known).
+    pub meta: Option<ReplicaMeta>,
 }
 
 impl HelloReply {
@@ -151,8 +188,19 @@ pub struct Request {
     pub tag: u64,
     pub offset: u64,
     pub length: u64,
-    /// WRITE payload (empty for other opcodes).
+    /// Volume generation of a changing request (0 for others).
+    pub generation: u64,
+    /// crc32c of the payload when [`FLAG_CRC`] is set.
+    pub crc: u32,
+    /// Payload of WRITE, SET_MEMBERSHIP, SET_REBUILD (empty for other opcodes).
     pub data: Bytes,
+}
+
+impl Request {
+    /// A request without payload, generation or crc.
+    pub fn simple(opcode: Opcode, tag: u64, offset: u64, length: u64) -> Request {
+        Request { opcode, flags: 0, tag, offset, length, generation: 0, crc: 0, data: Bytes::new() }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -213,6 +261,8 @@ struct HelloReplyHeader {
     flags: U32,
     name_len: U16,
     msg_len: U16,
+    meta_len: U16,
+    reserved: U16,
 }
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -225,6 +275,9 @@ struct RequestHeader {
     tag: U64,
     offset: U64,
     length: U64,
+    generation: U64,
+    crc: U32,
+    reserved2: U32,
 }
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -297,6 +350,7 @@ pub fn decode_hello(buf: &mut BytesMut) -> Result<Option<Hello>, WireError> {
 pub fn encode_hello_reply(r: &HelloReply, out: &mut BytesMut) {
     let name = &r.volume.as_bytes()[..r.volume.len().min(MAX_NAME_LEN)];
     let msg = &r.message.as_bytes()[..r.message.len().min(MAX_MESSAGE_LEN)];
+    let meta = r.meta.as_ref().map(encode_meta).unwrap_or_default();
     let hdr = HelloReplyHeader {
         magic: HELLO_REPLY_MAGIC.into(),
         version: r.version.into(),
@@ -306,10 +360,13 @@ pub fn encode_hello_reply(r: &HelloReply, out: &mut BytesMut) {
         flags: r.flags.into(),
         name_len: (name.len() as u16).into(),
         msg_len: (msg.len() as u16).into(),
+        meta_len: (meta.len() as u16).into(),
+        reserved: 0.into(),
     };
     out.put_slice(hdr.as_bytes());
     out.put_slice(name);
     out.put_slice(msg);
+    out.put_slice(&meta);
 }
 
 pub fn decode_hello_reply(buf: &mut BytesMut) -> Result<Option<HelloReply>, WireError> {
@@ -318,10 +375,14 @@ pub fn decode_hello_reply(buf: &mut BytesMut) -> Result<Option<HelloReply>, Wire
         return Err(WireError::BadMagic(hdr.magic.get()));
     }
     let (name_len, msg_len) = (usize::from(hdr.name_len.get()), usize::from(hdr.msg_len.get()));
-    if name_len > MAX_NAME_LEN || msg_len > MAX_MESSAGE_LEN {
+    let meta_len = usize::from(hdr.meta_len.get());
+    if name_len > MAX_NAME_LEN || msg_len > MAX_MESSAGE_LEN || meta_len > MAX_META_LEN {
         return Err(WireError::Malformed("hello reply lengths"));
     }
-    if buf.len() < HELLO_REPLY_LEN + name_len + msg_len {
+    if hdr.reserved.get() != 0 {
+        return Err(WireError::Reserved);
+    }
+    if buf.len() < HELLO_REPLY_LEN + name_len + msg_len + meta_len {
         return Ok(None);
     }
     let (version, status, size, epoch, flags) =
@@ -329,15 +390,22 @@ pub fn decode_hello_reply(buf: &mut BytesMut) -> Result<Option<HelloReply>, Wire
     buf.advance(HELLO_REPLY_LEN);
     let name = buf.split_to(name_len);
     let msg = buf.split_to(msg_len);
+    let meta = buf.split_to(meta_len);
     let volume = String::from_utf8(name.to_vec()).map_err(|_| WireError::Malformed("volume name"))?;
     let message = String::from_utf8_lossy(&msg).into_owned();
-    Ok(Some(HelloReply { version, status, size, epoch, flags, volume, message }))
+    let meta = if meta.is_empty() { None } else { Some(decode_meta(&meta)?) };
+    Ok(Some(HelloReply { version, status, size, epoch, flags, volume, message, meta }))
 }
 
-/// Encodes a request header; a WRITE's payload is sent after it separately
-/// (so large buffers are not copied).
+/// Whether requests with this opcode carry a payload of `length` bytes.
+fn has_payload(op: Opcode) -> bool {
+    matches!(op, Opcode::Write | Opcode::SetMembership | Opcode::SetRebuild)
+}
+
+/// Encodes a request header; a payload is sent after it separately (so
+/// large buffers are not copied).
 pub fn encode_request_header(r: &Request, out: &mut BytesMut) {
-    let length = if r.opcode == Opcode::Write { r.data.len() as u64 } else { r.length };
+    let length = if has_payload(r.opcode) { r.data.len() as u64 } else { r.length };
     let hdr = RequestHeader {
         magic: REQUEST_MAGIC.into(),
         opcode: r.opcode as u8,
@@ -346,6 +414,9 @@ pub fn encode_request_header(r: &Request, out: &mut BytesMut) {
         tag: r.tag.into(),
         offset: r.offset.into(),
         length: length.into(),
+        generation: r.generation.into(),
+        crc: r.crc.into(),
+        reserved2: 0.into(),
     };
     out.put_slice(hdr.as_bytes());
 }
@@ -363,7 +434,7 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<Request>, WireError> 
     if hdr.flags & !opcode.allowed_flags() != 0 {
         return Err(WireError::BadFlags { op: opcode, flags: hdr.flags });
     }
-    if hdr.reserved.get() != 0 {
+    if hdr.reserved.get() != 0 || hdr.reserved2.get() != 0 {
         return Err(WireError::Reserved);
     }
     let length = hdr.length.get();
@@ -371,17 +442,24 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<Request>, WireError> 
         Opcode::Read | Opcode::Write if length > u64::from(MAX_IO_BYTES) => {
             return Err(WireError::TooLarge(length));
         }
-        Opcode::Write => length as usize,
-        Opcode::Flush | Opcode::Ping if length != 0 => return Err(WireError::Malformed("length")),
+        Opcode::SetMembership | Opcode::SetRebuild if length > MAX_META_LEN as u64 => {
+            return Err(WireError::TooLarge(length));
+        }
+        Opcode::GetStamps if length > MAX_STAMPS => return Err(WireError::TooLarge(length)),
+        op if has_payload(op) => length as usize,
+        Opcode::Flush | Opcode::Ping | Opcode::GetMeta if length != 0 => {
+            return Err(WireError::Malformed("length"));
+        }
         _ => 0,
     };
     if buf.len() < REQUEST_LEN + payload {
         return Ok(None);
     }
-    let (flags, tag, offset) = (hdr.flags, hdr.tag.get(), hdr.offset.get());
+    let (flags, tag, offset, crc) = (hdr.flags, hdr.tag.get(), hdr.offset.get(), hdr.crc.get());
+    let generation = hdr.generation.get();
     buf.advance(REQUEST_LEN);
     let data = buf.split_to(payload).freeze();
-    Ok(Some(Request { opcode, flags, tag, offset, length, data }))
+    Ok(Some(Request { opcode, flags, tag, offset, length, generation, crc, data }))
 }
 
 pub fn encode_response_header(r: &Response, out: &mut BytesMut) {
@@ -449,6 +527,216 @@ pub fn decode_extents(mut payload: &[u8]) -> Result<Vec<Extent>, WireError> {
     Ok(out)
 }
 
+/// Most members a [`Membership`] may list.
+pub const MAX_MEMBERS: usize = 64;
+/// Most pieces a [`RebuildMark`] may hold.
+pub const MAX_PIECES: usize = 64;
+
+/// A generation record: which replicas (by store id) were the healthy
+/// members of the volume at `generation`. Every participant of the volume
+/// stores the newest record it was sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Membership {
+    pub generation: u64,
+    /// Epoch of the controller that wrote it.
+    pub epoch: u64,
+    /// Written by a controller that stopped cleanly with its members in step.
+    pub clean: bool,
+    /// Store ids of the healthy members.
+    pub members: Vec<u64>,
+}
+
+/// Where a rebuild into this replica stands, so it can resume.
+///
+/// Region `r` at or above `progress` still needs copying where a stamp is
+/// at least the threshold of the piece holding `r`; below `progress` it was
+/// copied in the current pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebuildMark {
+    pub progress: u64,
+    /// `(end_region, threshold)`: ends strictly ascending, the last one
+    /// `u64::MAX`; a piece covers the regions from the previous end.
+    pub pieces: Vec<(u64, u64)>,
+}
+
+impl RebuildMark {
+    /// A rebuild of every region stamped at `threshold` or later.
+    pub fn from_threshold(threshold: u64) -> RebuildMark {
+        RebuildMark { progress: 0, pieces: vec![(u64::MAX, threshold)] }
+    }
+
+    /// Copy threshold of region `r` (ignoring `progress`).
+    pub fn threshold(&self, r: u64) -> u64 {
+        self.pieces.iter().find(|(end, _)| r < *end).map_or(0, |&(_, t)| t)
+    }
+
+    /// The mark for a new pass after this one stopped at `progress` with
+    /// the replica current up to `generation`: regions already copied need
+    /// only what was written from `generation` on. Merges the oldest pieces
+    /// (taking the lower threshold: more copying, never less) to stay
+    /// within [`MAX_PIECES`].
+    pub fn resumed(&self, generation: u64) -> RebuildMark {
+        let mut pieces = Vec::new();
+        if self.progress > 0 {
+            pieces.push((self.progress, generation.max(self.threshold(0))));
+        }
+        pieces.extend(self.pieces.iter().copied().filter(|&(end, _)| end > self.progress));
+        while pieces.len() > MAX_PIECES {
+            let (end, t) = pieces.remove(1);
+            pieces[0] = (end, pieces[0].1.min(t));
+        }
+        RebuildMark { progress: 0, pieces }
+    }
+
+    fn is_valid(&self) -> bool {
+        !self.pieces.is_empty()
+            && self.pieces.len() <= MAX_PIECES
+            && self.pieces.last().is_some_and(|&(end, _)| end == u64::MAX)
+            && self.pieces.windows(2).all(|w| w[0].0 < w[1].0)
+    }
+}
+
+/// What a replica tells about itself: identity, generation record and any
+/// rebuild in progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaMeta {
+    /// Random id chosen when the store was created.
+    pub store_id: u64,
+    /// Bytes per stamp region.
+    pub region_size: u32,
+    pub membership: Membership,
+    pub rebuild: Option<RebuildMark>,
+}
+
+pub fn encode_membership(m: &Membership, out: &mut BytesMut) {
+    let n = m.members.len().min(MAX_MEMBERS);
+    out.put_u64(m.generation);
+    out.put_u64(m.epoch);
+    out.put_u8(u8::from(m.clean));
+    out.put_u8(n as u8);
+    for id in &m.members[..n] {
+        out.put_u64(*id);
+    }
+}
+
+pub fn encode_rebuild(r: &RebuildMark, out: &mut BytesMut) {
+    let n = r.pieces.len().min(MAX_PIECES);
+    out.put_u64(r.progress);
+    out.put_u8(n as u8);
+    for (end, t) in &r.pieces[..n] {
+        out.put_u64(*end);
+        out.put_u64(*t);
+    }
+}
+
+pub fn encode_meta(m: &ReplicaMeta) -> Bytes {
+    let mut out = BytesMut::with_capacity(64 + 8 * m.membership.members.len());
+    out.put_u64(m.store_id);
+    out.put_u32(m.region_size);
+    encode_membership(&m.membership, &mut out);
+    match &m.rebuild {
+        Some(r) => {
+            out.put_u8(1);
+            encode_rebuild(r, &mut out);
+        }
+        None => out.put_u8(0),
+    }
+    out.freeze()
+}
+
+/// Bounds-checked reads from the front of a byte slice.
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let (head, rest) = self.0.split_first_chunk::<N>().ok_or(WireError::Malformed("short metadata"))?;
+        self.0 = rest;
+        Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.take()?))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.take()?))
+    }
+    fn end(&self) -> Result<(), WireError> {
+        if self.0.is_empty() { Ok(()) } else { Err(WireError::Malformed("trailing metadata bytes")) }
+    }
+}
+
+fn read_membership(c: &mut Cursor<'_>) -> Result<Membership, WireError> {
+    let generation = c.u64()?;
+    let epoch = c.u64()?;
+    let clean = match c.u8()? {
+        0 => false,
+        1 => true,
+        _ => return Err(WireError::Malformed("membership flags")),
+    };
+    let n = usize::from(c.u8()?);
+    if n > MAX_MEMBERS {
+        return Err(WireError::Malformed("too many members"));
+    }
+    let members = (0..n).map(|_| c.u64()).collect::<Result<Vec<_>, _>>()?;
+    Ok(Membership { generation, epoch, clean, members })
+}
+
+fn read_rebuild(c: &mut Cursor<'_>) -> Result<RebuildMark, WireError> {
+    let progress = c.u64()?;
+    let n = usize::from(c.u8()?);
+    let pieces = (0..n).map(|_| Ok((c.u64()?, c.u64()?))).collect::<Result<Vec<_>, WireError>>()?;
+    let mark = RebuildMark { progress, pieces };
+    if !mark.is_valid() {
+        return Err(WireError::Malformed("rebuild pieces"));
+    }
+    Ok(mark)
+}
+
+pub fn decode_membership(buf: &[u8]) -> Result<Membership, WireError> {
+    let mut c = Cursor(buf);
+    let m = read_membership(&mut c)?;
+    c.end()?;
+    Ok(m)
+}
+
+pub fn decode_rebuild(buf: &[u8]) -> Result<RebuildMark, WireError> {
+    let mut c = Cursor(buf);
+    let r = read_rebuild(&mut c)?;
+    c.end()?;
+    Ok(r)
+}
+
+pub fn decode_meta(buf: &[u8]) -> Result<ReplicaMeta, WireError> {
+    let mut c = Cursor(buf);
+    let store_id = c.u64()?;
+    let region_size = c.u32()?;
+    let membership = read_membership(&mut c)?;
+    let rebuild = match c.u8()? {
+        0 => None,
+        1 => Some(read_rebuild(&mut c)?),
+        _ => return Err(WireError::Malformed("rebuild flag")),
+    };
+    c.end()?;
+    Ok(ReplicaMeta { store_id, region_size, membership, rebuild })
+}
+
+pub fn encode_stamps(stamps: &[u64]) -> Bytes {
+    let mut out = BytesMut::with_capacity(stamps.len() * 8);
+    for s in stamps {
+        out.put_u64(*s);
+    }
+    out.freeze()
+}
+
+pub fn decode_stamps(payload: &[u8]) -> Result<Vec<u64>, WireError> {
+    if !payload.len().is_multiple_of(8) {
+        return Err(WireError::Malformed("stamp list"));
+    }
+    Ok(payload.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -464,6 +752,10 @@ mod tests {
             Just(Opcode::WriteZeroes),
             Just(Opcode::BlockStatus),
             Just(Opcode::Ping),
+            Just(Opcode::GetMeta),
+            Just(Opcode::SetMembership),
+            Just(Opcode::SetRebuild),
+            Just(Opcode::GetStamps),
         ]
     }
 
@@ -475,15 +767,50 @@ mod tests {
             any::<u64>(),
             0u64..(1 << 20),
             prop::collection::vec(any::<u8>(), 0..3000),
+            any::<u64>(),
+            any::<u32>(),
         )
-            .prop_map(|(opcode, flags, tag, offset, length, data)| {
+            .prop_map(|(opcode, flags, tag, offset, length, mut data, generation, crc)| {
                 let flags = flags & opcode.allowed_flags();
+                if opcode != Opcode::Write {
+                    data.truncate(MAX_META_LEN);
+                }
                 let (length, data) = match opcode {
-                    Opcode::Write => (data.len() as u64, Bytes::from(data)),
-                    Opcode::Flush | Opcode::Ping => (0, Bytes::new()),
+                    op if has_payload(op) => (data.len() as u64, Bytes::from(data)),
+                    Opcode::Flush | Opcode::Ping | Opcode::GetMeta => (0, Bytes::new()),
                     _ => (length, Bytes::new()),
                 };
-                Request { opcode, flags, tag, offset, length, data }
+                Request { opcode, flags, tag, offset, length, generation, crc, data }
+            })
+    }
+
+    fn rebuild() -> impl Strategy<Value = RebuildMark> {
+        (any::<u64>(), prop::collection::btree_map(0u64..u64::MAX, any::<u64>(), 0..MAX_PIECES), any::<u64>())
+            .prop_map(|(progress, ends, last)| {
+                let mut pieces: Vec<(u64, u64)> = ends.into_iter().collect();
+                pieces.truncate(MAX_PIECES - 1);
+                pieces.push((u64::MAX, last));
+                RebuildMark { progress, pieces }
+            })
+    }
+
+    fn meta() -> impl Strategy<Value = ReplicaMeta> {
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            prop::collection::vec(any::<u64>(), 0..MAX_MEMBERS),
+            proptest::option::of(rebuild()),
+        )
+            .prop_map(|(store_id, region_size, generation, epoch, clean, members, rebuild)| {
+                ReplicaMeta {
+                    store_id,
+                    region_size,
+                    membership: Membership { generation, epoch, clean, members },
+                    rebuild,
+                }
             })
     }
 
@@ -525,10 +852,63 @@ mod tests {
             let mut b = BytesMut::new();
             encode_hello(&h, &mut b).unwrap();
             prop_assert_eq!(decode_hello(&mut b).unwrap(), Some(h));
-            let r = HelloReply { version: 1, status: 9, size, epoch, flags: 3, volume: name, message: "stale epoch".into() };
+            let r = HelloReply { version: 1, status: 9, size, epoch, flags: 3, volume: name, message: "stale epoch".into(), meta: None };
             let mut b = BytesMut::new();
             encode_hello_reply(&r, &mut b);
             prop_assert_eq!(decode_hello_reply(&mut b).unwrap(), Some(r));
+        }
+
+        #[test]
+        fn hello_reply_with_meta_round_trips(m in meta(), name in "[a-z]{1,20}") {
+            let r = HelloReply { version: 2, status: 0, size: 4096, epoch: 3, flags: 2, volume: name, message: String::new(), meta: Some(m) };
+            let mut b = BytesMut::new();
+            encode_hello_reply(&r, &mut b);
+            for cut in [0, HELLO_REPLY_LEN, b.len() - 1] {
+                prop_assert_eq!(decode_hello_reply(&mut BytesMut::from(&b[..cut])).unwrap(), None);
+            }
+            prop_assert_eq!(decode_hello_reply(&mut b).unwrap(), Some(r));
+        }
+
+        #[test]
+        fn meta_round_trips(m in meta()) {
+            prop_assert_eq!(decode_meta(&encode_meta(&m)).unwrap(), m.clone());
+            let mut b = BytesMut::new();
+            encode_membership(&m.membership, &mut b);
+            prop_assert_eq!(decode_membership(&b).unwrap(), m.membership.clone());
+            if let Some(r) = &m.rebuild {
+                let mut b = BytesMut::new();
+                encode_rebuild(r, &mut b);
+                prop_assert_eq!(&decode_rebuild(&b).unwrap(), r);
+            }
+        }
+
+        #[test]
+        fn meta_decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_meta(&bytes);
+            let _ = decode_membership(&bytes);
+            let _ = decode_rebuild(&bytes);
+            let _ = decode_stamps(&bytes);
+        }
+
+        #[test]
+        fn truncated_meta_is_refused(m in meta(), cut in any::<prop::sample::Index>()) {
+            let bytes = encode_meta(&m);
+            prop_assert!(decode_meta(&bytes[..cut.index(bytes.len())]).is_err());
+        }
+
+        #[test]
+        fn resumed_marks_never_copy_less(m in rebuild(), generation in any::<u64>(), r in any::<u64>()) {
+            let next = m.resumed(generation);
+            prop_assert!(next.is_valid());
+            // Regions not yet copied keep (at most) their threshold; copied
+            // ones need at most what came from `generation` on.
+            let want = if r < m.progress { generation.max(m.threshold(0)) } else { m.threshold(r) };
+            prop_assert!(next.threshold(r) <= want);
+        }
+
+        #[test]
+        fn stamps_round_trip(v in prop::collection::vec(any::<u64>(), 0..100)) {
+            prop_assert_eq!(decode_stamps(&encode_stamps(&v)).unwrap(), v);
         }
 
         #[test]
@@ -544,6 +924,10 @@ mod tests {
             let _ = decode_hello(&mut BytesMut::from(&bytes[..]));
             let _ = decode_hello_reply(&mut BytesMut::from(&bytes[..]));
             let _ = decode_extents(&bytes);
+            let mut b = BytesMut::new();
+            b.put_u32(HELLO_REPLY_MAGIC);
+            b.put_slice(&bytes);
+            let _ = decode_hello_reply(&mut b);
         }
 
         #[test]
@@ -562,8 +946,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_requests() {
-        let base =
-            Request { opcode: Opcode::Read, flags: 0, tag: 1, offset: 0, length: 4096, data: Bytes::new() };
+        let base = Request::simple(Opcode::Read, 1, 0, 4096);
         let mut b = encode_request(&Request { flags: FLAG_FUA, ..base.clone() });
         assert!(matches!(decode_request(&mut b), Err(WireError::BadFlags { .. })));
         let mut b = encode_request(&Request { length: u64::from(MAX_IO_BYTES) + 1, ..base.clone() });
@@ -577,6 +960,12 @@ mod tests {
         let mut b = encode_request(&Request { opcode: Opcode::Flush, length: 0, ..base.clone() });
         b[31] = 1;
         assert_eq!(decode_request(&mut b), Err(WireError::Malformed("length")));
+        let mut b = encode_request(&base);
+        b[47] = 1;
+        assert_eq!(decode_request(&mut b), Err(WireError::Reserved));
+        let mut b = encode_request(&Request { opcode: Opcode::SetRebuild, length: 0, ..base.clone() });
+        b[24..32].copy_from_slice(&(MAX_META_LEN as u64 + 1).to_be_bytes());
+        assert!(matches!(decode_request(&mut b), Err(WireError::TooLarge(_))));
     }
 
     #[test]

@@ -7,17 +7,19 @@
 //! | `store.meta`          | the manifest (below); rewritten atomically                |
 //! | `store.lock`          | empty; `flock`ed while a process has the store open       |
 //! | `store.intent`        | write-intent bitmap, one bit per region                   |
+//! | `store.stamps`        | region stamps: u64 per region (newest generation written) |
 //! | `layer-NNNNNN.data`   | sparse data of layer N: block `b` at byte `b * 4096`      |
 //! | `layer-NNNNNN.records`| per-block records of layer N: record `b` at byte `b * 16` |
 //!
 //! All integers are little-endian.
 //!
-//! **Manifest** (`store.meta`, format version 1):
+//! **Manifest** (`store.meta`, format version 2; version 1 is read and
+//! upgraded on the next rewrite):
 //!
 //! ```text
 //! off  len  field
 //!   0    8  magic "JIVAREPL"
-//!   8    4  format version (1)
+//!   8    4  format version (2)
 //!  12    4  total length in bytes, including the trailing crc
 //!  16    4  block size (4096)
 //!  20    4  record size (16)
@@ -30,8 +32,22 @@
 //!  58    2  layer count (>= 1)
 //!  60    n  volume name, UTF-8
 //!   .  8*k  layer ids, oldest first, the writable head last
+//!             (version 2 only, from here:)
+//!   .    8  store id (random, chosen at creation)
+//!   .    8  generation of the newest generation record received
+//!   .    8  epoch of the controller that wrote it
+//!   .    4  record flags: bit 0 = CLEAN (that controller stopped cleanly)
+//!   .    2  member count m
+//!   .    2  rebuild piece count p (0 = no rebuild in progress)
+//!   .    8  rebuild progress (regions below it were copied in this pass)
+//!   .  8*m  member store ids
+//!   . 16*p  rebuild pieces: end region u64, threshold generation u64
 //!   .    4  crc32c of every preceding byte
 //! ```
+//!
+//! The generation record and the rebuild mark are the controller's (see
+//! `jiva_core::volume`): which replicas were in step at which generation,
+//! and how far a rebuild into this replica got.
 //!
 //! The manifest is rewritten by writing `store.meta.tmp`, fsyncing it,
 //! renaming it over `store.meta` and fsyncing the directory. A manifest
@@ -61,13 +77,34 @@
 //! A set bit means writes may have been in flight there, so on open after
 //! a crash the records of that region are re-derived from the data for
 //! blocks whose checksum does not match (see the `intent` module).
+//!
+//! **Region stamps** (`store.stamps`): u64 `r` (at byte `8 * r`) is the
+//! newest volume generation of any change to region `r` (same regions as
+//! the intent bitmap), raised durably before the change is made. A missing
+//! file (version 1 stores) reads as all zeros.
 
 use std::sync::OnceLock;
 
+use jiva_core::wire::{MAX_MEMBERS, MAX_PIECES, Membership, RebuildMark};
+
+/// A random, non-zero store id.
+pub fn new_store_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS; mix in time and pid for good measure.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}
+
 /// Manifest magic.
 pub const MAGIC: [u8; 8] = *b"JIVAREPL";
-/// The only manifest/record format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The manifest format this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The older manifest format this build still reads.
+pub const FORMAT_VERSION_1: u32 = 1;
 /// Bytes per block record.
 pub const RECORD_SIZE: u32 = 16;
 /// Default write-intent region: 1 MiB.
@@ -83,8 +120,11 @@ pub const MANIFEST_FILE: &str = "store.meta";
 pub const MANIFEST_TMP_FILE: &str = "store.meta.tmp";
 pub const LOCK_FILE: &str = "store.lock";
 pub const INTENT_FILE: &str = "store.intent";
+pub const STAMPS_FILE: &str = "store.stamps";
 
 const FIXED_LEN: usize = 60;
+/// Fixed part of the version 2 extension.
+const EXT_LEN: usize = 40;
 const CRC_LEN: usize = 4;
 
 /// Name of layer `id`'s data file.
@@ -107,7 +147,7 @@ pub fn intent_len(regions: u64) -> u64 {
 pub enum FormatError {
     #[error("not a jiva store manifest (bad magic)")]
     BadMagic,
-    #[error("store format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error("store format version {0} is not supported (this build reads versions 1 and {FORMAT_VERSION})")]
     UnsupportedVersion(u32),
     #[error("manifest checksum mismatch")]
     BadChecksum,
@@ -128,6 +168,12 @@ pub struct Manifest {
     pub volume: Option<String>,
     /// Layer ids, oldest first, head last; never empty.
     pub layers: Vec<u64>,
+    /// Random id of this store (0 only in a version 1 manifest not yet upgraded).
+    pub store_id: u64,
+    /// The newest generation record received.
+    pub membership: Membership,
+    /// A rebuild into this store that has not finished.
+    pub rebuild: Option<RebuildMark>,
 }
 
 impl Manifest {
@@ -143,6 +189,9 @@ impl Manifest {
             next_layer_id: 2,
             volume: None,
             layers: vec![1],
+            store_id: new_store_id(),
+            membership: Membership::default(),
+            rebuild: None,
         }
     }
 
@@ -158,7 +207,16 @@ pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
     let name = m.volume.as_deref().unwrap_or("").as_bytes();
     assert!(name.len() <= MAX_VOLUME_NAME, "volume name too long");
     assert!(!m.layers.is_empty() && m.layers.len() <= usize::from(u16::MAX), "bad layer count");
-    let total = FIXED_LEN + name.len() + 8 * m.layers.len() + CRC_LEN;
+    let members = &m.membership.members[..m.membership.members.len().min(MAX_MEMBERS)];
+    let pieces: &[(u64, u64)] =
+        m.rebuild.as_ref().map_or(&[], |r| &r.pieces[..r.pieces.len().min(MAX_PIECES)]);
+    let total = FIXED_LEN
+        + name.len()
+        + 8 * m.layers.len()
+        + EXT_LEN
+        + 8 * members.len()
+        + 16 * pieces.len()
+        + CRC_LEN;
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -176,6 +234,20 @@ pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
     for id in &m.layers {
         out.extend_from_slice(&id.to_le_bytes());
     }
+    out.extend_from_slice(&m.store_id.to_le_bytes());
+    out.extend_from_slice(&m.membership.generation.to_le_bytes());
+    out.extend_from_slice(&m.membership.epoch.to_le_bytes());
+    out.extend_from_slice(&(if m.membership.clean { FLAG_CLEAN } else { 0 }).to_le_bytes());
+    out.extend_from_slice(&(members.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(pieces.len() as u16).to_le_bytes());
+    out.extend_from_slice(&m.rebuild.as_ref().map_or(0, |r| r.progress).to_le_bytes());
+    for id in members {
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    for (end, t) in pieces {
+        out.extend_from_slice(&end.to_le_bytes());
+        out.extend_from_slice(&t.to_le_bytes());
+    }
     let crc = crc32c::crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     debug_assert_eq!(out.len(), total);
@@ -190,7 +262,7 @@ pub fn decode_manifest(buf: &[u8]) -> Result<Manifest, FormatError> {
         return Err(FormatError::BadMagic);
     }
     let version = u32_at(buf, 8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
         return Err(FormatError::UnsupportedVersion(version));
     }
     if buf.len() < FIXED_LEN + CRC_LEN {
@@ -205,8 +277,22 @@ pub fn decode_manifest(buf: &[u8]) -> Result<Manifest, FormatError> {
     }
     let name_len = usize::from(u16_at(buf, 56));
     let layer_count = usize::from(u16_at(buf, 58));
-    if FIXED_LEN + name_len + 8 * layer_count + CRC_LEN != buf.len() {
+    let ext_at = FIXED_LEN + name_len + 8 * layer_count;
+    let (ext_len, member_count, piece_count) = if version == FORMAT_VERSION_1 {
+        (0, 0, 0)
+    } else {
+        if buf.len() < ext_at + EXT_LEN + CRC_LEN {
+            return Err(FormatError::Malformed("manifest field lengths do not add up"));
+        }
+        let members = usize::from(u16_at(buf, ext_at + 28));
+        let pieces = usize::from(u16_at(buf, ext_at + 30));
+        (EXT_LEN + 8 * members + 16 * pieces, members, pieces)
+    };
+    if ext_at + ext_len + CRC_LEN != buf.len() {
         return Err(FormatError::Malformed("manifest field lengths do not add up"));
+    }
+    if member_count > MAX_MEMBERS || piece_count > MAX_PIECES {
+        return Err(FormatError::Malformed("too many members or rebuild pieces"));
     }
     if name_len > MAX_VOLUME_NAME {
         return Err(FormatError::Malformed("volume name too long"));
@@ -235,7 +321,43 @@ pub fn decode_manifest(buf: &[u8]) -> Result<Manifest, FormatError> {
     if sorted.len() != layers.len() || sorted[0] == 0 || *sorted.last().unwrap_or(&0) >= next_layer_id {
         return Err(FormatError::Malformed("bad layer ids"));
     }
+    let (store_id, membership, rebuild) = if version == FORMAT_VERSION_1 {
+        (0, Membership::default(), None)
+    } else {
+        let e = ext_at;
+        let rec_flags = u32_at(buf, e + 24);
+        if rec_flags & !FLAG_CLEAN != 0 {
+            return Err(FormatError::Malformed("unknown generation record flags"));
+        }
+        let ids_at = e + EXT_LEN;
+        let members = (0..member_count).map(|i| u64_at(buf, ids_at + 8 * i)).collect();
+        let pieces_at = ids_at + 8 * member_count;
+        let pieces: Vec<(u64, u64)> = (0..piece_count)
+            .map(|i| (u64_at(buf, pieces_at + 16 * i), u64_at(buf, pieces_at + 16 * i + 8)))
+            .collect();
+        let rebuild = if pieces.is_empty() {
+            None
+        } else {
+            let mark = RebuildMark { progress: u64_at(buf, e + 32), pieces };
+            let valid = mark.pieces.last().is_some_and(|&(end, _)| end == u64::MAX)
+                && mark.pieces.windows(2).all(|w| w[0].0 < w[1].0);
+            if !valid {
+                return Err(FormatError::Malformed("rebuild pieces"));
+            }
+            Some(mark)
+        };
+        let membership = Membership {
+            generation: u64_at(buf, e + 8),
+            epoch: u64_at(buf, e + 16),
+            clean: rec_flags & FLAG_CLEAN != 0,
+            members,
+        };
+        (u64_at(buf, e), membership, rebuild)
+    };
     Ok(Manifest {
+        store_id,
+        membership,
+        rebuild,
         block_size: u32_at(buf, 16),
         record_size: u32_at(buf, 20),
         region_size: u32_at(buf, 24),
@@ -342,8 +464,27 @@ mod tests {
             any::<u64>(),
             proptest::option::of("[a-zA-Z0-9._-]{1,40}"),
             proptest::collection::btree_set(1u64..1_000_000, 1..8),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>(),
+                proptest::collection::vec(any::<u64>(), 0..10),
+            ),
+            proptest::option::of((
+                any::<u64>(),
+                proptest::collection::btree_map(0u64..u64::MAX, any::<u64>(), 0..5),
+                any::<u64>(),
+            )),
         )
-            .prop_flat_map(|(bs, rs, region, clean, size, epoch, volume, ids)| {
+            .prop_flat_map(|(bs, rs, region, clean, size, epoch, volume, ids, rec, reb)| {
+                let (store_id, generation, gen_epoch, rec_clean, members) = rec;
+                let membership = Membership { generation, epoch: gen_epoch, clean: rec_clean, members };
+                let rebuild = reb.map(|(progress, ends, last)| {
+                    let mut pieces: Vec<(u64, u64)> = ends.into_iter().collect();
+                    pieces.push((u64::MAX, last));
+                    RebuildMark { progress, pieces }
+                });
                 let ids: Vec<u64> = ids.into_iter().collect();
                 let max = *ids.last().unwrap();
                 (Just(ids).prop_shuffle(), (max + 1)..=u64::MAX).prop_map(move |(layers, next)| Manifest {
@@ -356,6 +497,9 @@ mod tests {
                     next_layer_id: next,
                     volume: volume.clone(),
                     layers,
+                    store_id,
+                    membership: membership.clone(),
+                    rebuild: rebuild.clone(),
                 })
             })
     }
@@ -424,9 +568,29 @@ mod tests {
     #[test]
     fn other_versions_are_refused_clearly() {
         let mut bytes = encode_manifest(&Manifest::new(1 << 20));
-        bytes[8] = 2;
-        assert_eq!(decode_manifest(&bytes), Err(FormatError::UnsupportedVersion(2)));
+        bytes[8] = 3;
+        assert_eq!(decode_manifest(&bytes), Err(FormatError::UnsupportedVersion(3)));
         assert_eq!(decode_manifest(b"hello world, this is not a manifest"), Err(FormatError::BadMagic));
+    }
+
+    #[test]
+    fn version_1_manifests_are_read() {
+        // A version 1 manifest: the fixed part, a name, one layer, the crc.
+        let m = Manifest {
+            store_id: 0,
+            membership: Membership::default(),
+            rebuild: None,
+            ..Manifest::new(1 << 20)
+        };
+        let v2 = encode_manifest(&Manifest { volume: Some("vol".into()), ..m.clone() });
+        let mut v1 = v2[..FIXED_LEN + 3 + 8].to_vec();
+        v1[8..12].copy_from_slice(&FORMAT_VERSION_1.to_le_bytes());
+        let total = (v1.len() + CRC_LEN) as u32;
+        v1[12..16].copy_from_slice(&total.to_le_bytes());
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let got = decode_manifest(&v1).unwrap();
+        assert_eq!(got, Manifest { volume: Some("vol".into()), ..m });
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! out-of-range request gets an error response, and nothing reaches the
 //! store unchecked.
 //!
+//! Version 2 of the protocol adds the replica's metadata (identity,
+//! generation record, rebuild mark) and region stamps; see
+//! [`jiva_core::wire`]. A Hello of another version is refused.
+//!
 //! Fencing: the server remembers the newest epoch that attached. A
 //! connection attached with an older epoch gets `Fenced` for every request
 //! and is closed, so a stale controller can never write after a newer one
@@ -22,7 +26,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use jiva_core::device::{BlockDevice, ZeroFlags, check_range};
 use jiva_core::error::{Error, ErrorKind, Result};
-use jiva_core::wire::{self, Hello, HelloMode, HelloReply, Opcode, Request, Response};
+use jiva_core::wire::{
+    self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
@@ -47,11 +53,69 @@ pub trait Backend: BlockDevice {
     /// Binds durably to `volume` at `epoch`; refuses older epochs (Fenced)
     /// and other volumes (InvalidArgument).
     fn attach(&self, volume: &str, epoch: u64) -> impl Future<Output = Result<()>> + Send;
+    fn meta(&self) -> ReplicaMeta;
+    fn set_membership(&self, m: Membership) -> impl Future<Output = Result<()>> + Send;
+    fn set_rebuild(&self, mark: Option<RebuildMark>) -> impl Future<Output = Result<()>> + Send;
+    fn stamps(&self, first: u64, count: u64) -> Result<Vec<u64>>;
+    /// Changes of volume generation `generation` (stamped before they are made).
+    fn write_gen(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        generation: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn trim_gen(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        generation: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn zeroes_gen(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+        generation: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Block ranges whose reads fail with an I/O error: a stand-in for a disk
+/// with bad sectors, for fault-injection tests only (see `jiva replica`'s
+/// `JIVA_TEST_FAULT_EIO_BLOCKS`).
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Half-open block ranges.
+    pub eio_read_blocks: Vec<(u64, u64)>,
+}
+
+impl Faults {
+    /// Parses `A-B,C-D,...` (inclusive block numbers; `A` alone is one block).
+    pub fn parse(spec: &str) -> std::result::Result<Faults, String> {
+        let mut eio_read_blocks = Vec::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let a: u64 = a.trim().parse().map_err(|_| format!("bad block number in {part:?}"))?;
+            let b: u64 = b.trim().parse().map_err(|_| format!("bad block number in {part:?}"))?;
+            if b < a {
+                return Err(format!("empty block range {part:?}"));
+            }
+            eio_read_blocks.push((a, b + 1));
+        }
+        Ok(Faults { eio_read_blocks })
+    }
+
+    fn read_fails(&self, offset: u64, len: u64) -> bool {
+        let (first, count) = jiva_core::block_span(offset, len);
+        self.eio_read_blocks.iter().any(|&(a, b)| first < b && a < first + count)
+    }
 }
 
 /// See the module documentation.
 pub struct ReplicaServer<B: Backend> {
     backend: Arc<B>,
+    faults: Faults,
     /// Newest epoch attached since start; connections below it are fenced.
     current_epoch: AtomicU64,
 }
@@ -65,7 +129,16 @@ impl<B: Backend> std::fmt::Debug for ReplicaServer<B> {
 impl<B: Backend> ReplicaServer<B> {
     pub fn new(backend: Arc<B>) -> ReplicaServer<B> {
         let epoch = backend.info().epoch;
-        ReplicaServer { backend, current_epoch: AtomicU64::new(epoch) }
+        ReplicaServer { backend, faults: Faults::default(), current_epoch: AtomicU64::new(epoch) }
+    }
+
+    /// Injects faults (tests only).
+    pub fn with_faults(mut self, faults: Faults) -> ReplicaServer<B> {
+        if !faults.eio_read_blocks.is_empty() {
+            tracing::warn!("fault injection: reads of blocks {:?} fail with EIO", faults.eio_read_blocks);
+        }
+        self.faults = faults;
+        self
     }
 
     pub fn backend(&self) -> &Arc<B> {
@@ -149,13 +222,22 @@ impl<B: Backend> ReplicaServer<B> {
                 | (if info.volume.is_some() { wire::HELLO_BOUND } else { 0 }),
             volume: info.volume.clone().unwrap_or_default(),
             message: String::new(),
+            meta: Some(self.backend.meta()),
         };
         let refuse = |reply: &mut HelloReply, e: Error| {
             reply.status = e.kind().code();
             reply.message = e.to_string();
         };
-        if hello.version == 0 {
-            refuse(&mut reply, Error::new(ErrorKind::Protocol, "protocol version 0 is not supported"));
+        if hello.version != wire::PROTOCOL_VERSION {
+            let e = Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "protocol version {} is not supported (this replica speaks version {})",
+                    hello.version,
+                    wire::PROTOCOL_VERSION
+                ),
+            );
+            refuse(&mut reply, e);
             return (reply, false);
         }
         if hello.mode == HelloMode::Probe {
@@ -193,6 +275,7 @@ impl<B: Backend> ReplicaServer<B> {
                 reply.epoch = hello.epoch;
                 reply.volume = hello.volume.clone();
                 reply.flags |= wire::HELLO_BOUND;
+                reply.meta = Some(self.backend.meta());
                 (reply, true)
             }
             Err(e) => {
@@ -265,21 +348,42 @@ impl<B: Backend> ReplicaServer<B> {
             Opcode::Flush => self.backend.flush().await.map(|_| Bytes::new()),
             Opcode::Read => {
                 check_range(size, req.offset, req.length)?;
+                if self.faults.read_fails(req.offset, req.length) {
+                    return Err(Error::new(ErrorKind::Io, "injected read error").at(req.offset));
+                }
                 self.backend.read(req.offset, req.length as usize).await
             }
             Opcode::Write => {
                 check_range(size, req.offset, req.data.len() as u64)?;
-                self.backend.write(req.offset, req.data, fua).await.map(|_| Bytes::new())
+                if req.flags & wire::FLAG_CRC != 0 && crc32c::crc32c(&req.data) != req.crc {
+                    return Err(
+                        Error::new(ErrorKind::Corrupt, "write payload does not match its crc").at(req.offset)
+                    );
+                }
+                self.backend.write_gen(req.offset, req.data, fua, req.generation).await.map(|_| Bytes::new())
             }
             Opcode::Trim => {
                 check_range(size, req.offset, req.length)?;
-                self.backend.trim(req.offset, req.length, fua).await.map(|_| Bytes::new())
+                self.backend.trim_gen(req.offset, req.length, fua, req.generation).await.map(|_| Bytes::new())
             }
             Opcode::WriteZeroes => {
                 check_range(size, req.offset, req.length)?;
                 let flags = ZeroFlags { no_hole: req.flags & wire::FLAG_NO_HOLE != 0, fua };
-                self.backend.write_zeroes(req.offset, req.length, flags).await.map(|_| Bytes::new())
+                self.backend
+                    .zeroes_gen(req.offset, req.length, flags, req.generation)
+                    .await
+                    .map(|_| Bytes::new())
             }
+            Opcode::GetMeta => Ok(wire::encode_meta(&self.backend.meta())),
+            Opcode::SetMembership => {
+                let m = wire::decode_membership(&req.data)?;
+                self.backend.set_membership(m).await.map(|_| Bytes::new())
+            }
+            Opcode::SetRebuild => {
+                let mark = if req.data.is_empty() { None } else { Some(wire::decode_rebuild(&req.data)?) };
+                self.backend.set_rebuild(mark).await.map(|_| Bytes::new())
+            }
+            Opcode::GetStamps => self.backend.stamps(req.offset, req.length).map(|s| wire::encode_stamps(&s)),
             Opcode::BlockStatus => {
                 check_range(size, req.offset, req.length)?;
                 let ext = self.backend.block_status(req.offset, req.length).await?;
@@ -319,5 +423,66 @@ impl Backend for crate::Store {
 
     fn attach(&self, volume: &str, epoch: u64) -> impl Future<Output = Result<()>> + Send {
         crate::Store::attach(self, volume, epoch)
+    }
+
+    fn meta(&self) -> ReplicaMeta {
+        crate::Store::meta(self)
+    }
+
+    fn set_membership(&self, m: Membership) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::set_membership(self, m)
+    }
+
+    fn set_rebuild(&self, mark: Option<RebuildMark>) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::set_rebuild(self, mark)
+    }
+
+    fn stamps(&self, first: u64, count: u64) -> Result<Vec<u64>> {
+        crate::Store::stamps(self, first, count)
+    }
+
+    fn write_gen(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        generation: u64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::write_gen(self, offset, data, fua, generation)
+    }
+
+    fn trim_gen(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        generation: u64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::trim_gen(self, offset, len, fua, generation)
+    }
+
+    fn zeroes_gen(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+        generation: u64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::zeroes_gen(self, offset, len, flags, generation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Faults;
+
+    #[test]
+    fn fault_specs_parse() {
+        let f = Faults::parse("0-255, 1000").unwrap();
+        assert_eq!(f.eio_read_blocks, vec![(0, 256), (1000, 1001)]);
+        assert!(f.read_fails(255 * 4096, 1) && f.read_fails(1000 * 4096 - 1, 2));
+        assert!(!f.read_fails(256 * 4096, 4096 * 744));
+        assert!(Faults::parse("5-4").is_err() && Faults::parse("x").is_err());
+        assert!(Faults::parse("").unwrap().eio_read_blocks.is_empty());
     }
 }

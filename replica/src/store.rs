@@ -19,10 +19,12 @@ use std::future::Future;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use jiva_core::range_lock::RangeLock;
+use jiva_core::wire::{Membership, RebuildMark, ReplicaMeta};
 use jiva_core::{
     BLOCK_SIZE, BlockDevice, Capabilities, Error, ErrorKind, Extent, ExtentState, Op, Result, ZeroFlags,
     block_span,
@@ -85,6 +87,11 @@ struct Inner {
     intent_file: Arc<File>,
     /// Serializes bitmap updates (group commit).
     intent_commit: tokio::sync::Mutex<()>,
+    /// Durable region stamps (see [`crate::format`]).
+    stamps: Vec<AtomicU64>,
+    stamps_file: Arc<File>,
+    /// Serializes stamp updates.
+    stamp_commit: tokio::sync::Mutex<()>,
     manifest: Mutex<Manifest>,
     /// Serializes manifest rewrites.
     manifest_update: tokio::sync::Mutex<()>,
@@ -110,6 +117,8 @@ struct Opened {
     chain: Vec<Layer>,
     intent_file: File,
     intent_bytes: Vec<u8>,
+    stamps_file: File,
+    stamps: Vec<u64>,
     lock_file: File,
 }
 
@@ -145,6 +154,9 @@ impl Store {
             intent: Intent::new(blocks, region_blocks),
             intent_file: Arc::new(opened.intent_file),
             intent_commit: tokio::sync::Mutex::new(()),
+            stamps: opened.stamps.into_iter().map(AtomicU64::new).collect(),
+            stamps_file: Arc::new(opened.stamps_file),
+            stamp_commit: tokio::sync::Mutex::new(()),
             manifest: Mutex::new(opened.manifest),
             manifest_update: tokio::sync::Mutex::new(()),
             clean_open,
@@ -216,6 +228,107 @@ impl Store {
         })
         .await
         .map_err(|e| e.with_op(Op::Handshake))
+    }
+
+    /// Identity, generation record and rebuild mark, for the controller.
+    pub fn meta(&self) -> ReplicaMeta {
+        let m = self.inner.manifest();
+        ReplicaMeta {
+            store_id: m.store_id,
+            region_size: m.region_size,
+            membership: m.membership.clone(),
+            rebuild: m.rebuild.clone(),
+        }
+    }
+
+    /// Records a generation record durably. A record older than the one
+    /// held is refused (InvalidArgument).
+    pub async fn set_membership(&self, record: Membership) -> Result<()> {
+        let inner = self.inner.clone();
+        detached(async move {
+            inner
+                .update_manifest(move |m| {
+                    if (record.generation, record.epoch) < (m.membership.generation, m.membership.epoch) {
+                        return Err(Error::new(
+                            ErrorKind::InvalidArgument,
+                            format!(
+                                "generation {} is older than the recorded {}",
+                                record.generation, m.membership.generation
+                            ),
+                        ));
+                    }
+                    m.membership = record;
+                    Ok(())
+                })
+                .await
+        })
+        .await
+        .map_err(|e| e.with_op(Op::Handshake))
+    }
+
+    /// Records (or clears) the rebuild mark durably.
+    pub async fn set_rebuild(&self, mark: Option<RebuildMark>) -> Result<()> {
+        let inner = self.inner.clone();
+        detached(async move {
+            inner
+                .update_manifest(move |m| {
+                    m.rebuild = mark;
+                    Ok(())
+                })
+                .await
+        })
+        .await
+        .map_err(|e| e.with_op(Op::Handshake))
+    }
+
+    /// Stamps of `count` regions from region `first`.
+    pub fn stamps(&self, first: u64, count: u64) -> Result<Vec<u64>> {
+        let end = first.checked_add(count).filter(|&e| e <= self.inner.stamps.len() as u64);
+        let Some(end) = end else {
+            return Err(Error::new(ErrorKind::OutOfRange, "stamp range beyond the last region"));
+        };
+        Ok(self.inner.stamps[first as usize..end as usize]
+            .iter()
+            .map(|s| s.load(Ordering::Acquire))
+            .collect())
+    }
+
+    /// Number of stamp regions.
+    pub fn regions(&self) -> u64 {
+        self.inner.stamps.len() as u64
+    }
+
+    /// WRITE of volume generation `generation` (see [`crate::format`], stamps).
+    pub async fn write_gen(&self, offset: u64, data: Bytes, fua: bool, generation: u64) -> Result<()> {
+        let inner = self.inner.clone();
+        detached(async move {
+            inner.raise_stamps(offset, data.len() as u64, generation).await?;
+            inner.write(offset, data, fua).await
+        })
+        .await
+        .map_err(|e| e.with_op(Op::Write))
+    }
+
+    /// TRIM of volume generation `generation`.
+    pub async fn trim_gen(&self, offset: u64, len: u64, fua: bool, generation: u64) -> Result<()> {
+        let inner = self.inner.clone();
+        detached(async move {
+            inner.raise_stamps(offset, len, generation).await?;
+            inner.discard(offset, len, false, fua).await
+        })
+        .await
+        .map_err(|e| e.with_op(Op::Trim))
+    }
+
+    /// WRITE_ZEROES of volume generation `generation`.
+    pub async fn zeroes_gen(&self, offset: u64, len: u64, flags: ZeroFlags, generation: u64) -> Result<()> {
+        let inner = self.inner.clone();
+        detached(async move {
+            inner.raise_stamps(offset, len, generation).await?;
+            inner.discard(offset, len, flags.no_hole, flags.fua).await
+        })
+        .await
+        .map_err(|e| e.with_op(Op::WriteZeroes))
     }
 
     /// The engine in use.
@@ -590,6 +703,35 @@ impl Inner {
         Ok(())
     }
 
+    /// Raises the stamps of the regions of `len` bytes at `offset` to at
+    /// least `generation`, durably, before the change is made.
+    async fn raise_stamps(&self, offset: u64, len: u64, generation: u64) -> Result<()> {
+        if generation == 0 || len == 0 {
+            return Ok(());
+        }
+        let (first, count) = block_span(offset, len);
+        let regions = self.intent.span(first, count);
+        let behind = |r: &u64| self.stamps[*r as usize].load(Ordering::Acquire) < generation;
+        if !regions.clone().any(|r| behind(&r)) {
+            return Ok(());
+        }
+        let _commit = self.stamp_commit.lock().await;
+        if !regions.clone().any(|r| behind(&r)) {
+            return Ok(());
+        }
+        let values: Vec<u64> = regions
+            .clone()
+            .map(|r| self.stamps[r as usize].load(Ordering::Acquire).max(generation))
+            .collect();
+        let bytes: Bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.run(vec![Request::write(&self.stamps_file, regions.start * 8, bytes)], offset).await?;
+        self.run(vec![Request::fdatasync(&self.stamps_file)], offset).await?;
+        for (r, v) in regions.zip(values) {
+            self.stamps[r as usize].store(v, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Zeroes the bitmap durably. Callers make sure no change is in flight.
     async fn clear_intent(&self) -> Result<()> {
         let len = format::intent_len(self.intent.regions()) as usize;
@@ -847,11 +989,36 @@ fn open_dir(dir: &Path, size: u64) -> Result<Opened> {
         intent_file.set_len(intent_len).map_err(|e| ctx("cannot size the intent bitmap", e))?;
         intent_file.sync_all().map_err(|e| ctx("cannot sync the intent bitmap", e))?;
     }
-    if created {
+    let stamps_path = dir.join(format::STAMPS_FILE);
+    let mut stamps_file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(created)
+        .open(&stamps_path)
+        .map_err(|e| ctx("cannot open the region stamps", e))?;
+    let mut stamp_bytes = Vec::new();
+    stamps_file.read_to_end(&mut stamp_bytes).map_err(|e| ctx("cannot read the region stamps", e))?;
+    if stamp_bytes.len() as u64 != regions * 8 {
+        // New, or a version 1 store: no change has a stamp yet.
+        stamp_bytes = vec![0; (regions * 8) as usize];
+        stamps_file.set_len(regions * 8).map_err(|e| ctx("cannot size the region stamps", e))?;
+        std::os::unix::fs::FileExt::write_all_at(&stamps_file, &stamp_bytes, 0)
+            .map_err(|e| ctx("cannot write the region stamps", e))?;
+        stamps_file.sync_all().map_err(|e| ctx("cannot sync the region stamps", e))?;
+    }
+    let stamps =
+        stamp_bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
+    let mut manifest = manifest;
+    if created || manifest.store_id == 0 {
+        // Upgrading a version 1 store gives it an id, durably before use.
+        if manifest.store_id == 0 {
+            manifest.store_id = format::new_store_id();
+        }
         // The manifest goes last: its presence means the layer files are complete.
         write_manifest(dir, &format::encode_manifest(&manifest))?;
     }
-    Ok(Opened { manifest, chain, intent_file, intent_bytes, lock_file })
+    Ok(Opened { manifest, chain, intent_file, intent_bytes, stamps_file, stamps, lock_file })
 }
 
 fn check_manifest(m: &Manifest, size: u64) -> Result<()> {

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use jiva_core::remote::{self, RemoteOptions, RemoteReplica};
+use jiva_core::replica::Replica;
 use jiva_core::wire::{self, Opcode, Request};
+use jiva_core::wire::{Membership, RebuildMark};
 use jiva_core::{BlockDevice, ErrorKind, ExtentState, ZeroFlags};
 use jiva_replica::server::ReplicaServer;
 use jiva_replica::{Store, StoreOptions};
@@ -169,8 +171,7 @@ async fn hostile_frames_close_the_connection_and_change_nothing() {
     read_to_close(&mut s).await;
     let mut s = raw_attached(&r.addr).await;
     let mut b = BytesMut::new();
-    let req =
-        Request { opcode: Opcode::Read, flags: 0, tag: 9, offset: 0, length: 1 << 30, data: Bytes::new() };
+    let req = Request::simple(Opcode::Read, 9, 0, 1 << 30);
     wire::encode_request_header(&req, &mut b);
     s.write_all(&b).await.unwrap();
     read_to_close(&mut s).await;
@@ -179,12 +180,8 @@ async fn hostile_frames_close_the_connection_and_change_nothing() {
     let mut s = raw_attached(&r.addr).await;
     let mut b = BytesMut::new();
     let req = Request {
-        opcode: Opcode::Write,
-        flags: 0,
-        tag: 42,
-        offset: SIZE - 100,
-        length: 4096,
         data: Bytes::from(vec![9u8; 4096]),
+        ..Request::simple(Opcode::Write, 42, SIZE - 100, 4096)
     };
     wire::encode_request_header(&req, &mut b);
     b.put_slice(&req.data);
@@ -202,4 +199,39 @@ async fn hostile_frames_close_the_connection_and_change_nothing() {
     // The well-behaved controller is unaffected and the data unchanged.
     assert!(good.read(0, 4096).await.unwrap().iter().all(|&b| b == 3));
     assert!(good.read(SIZE - 4096, 4096).await.unwrap().iter().all(|&b| b == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_records_stamps_and_checked_writes() {
+    let r = start().await;
+    let rep = RemoteReplica::connect(&r.addr, "vol", SIZE, 1, opts()).await.unwrap();
+    let id = rep.attach_meta().unwrap().store_id;
+    assert_ne!(id, 0);
+    // Stamps start at zero and rise with the generation a change carries.
+    let regions = SIZE / (1 << 20);
+    assert_eq!(rep.stamps(0, regions).await.unwrap(), vec![0; regions as usize]);
+    rep.write_at((1 << 20) + 10, Bytes::from(vec![1u8; 5000]), false, 7, None).await.unwrap();
+    rep.trim_at(3 << 20, 4096, false, 9).await.unwrap();
+    rep.write_at(1 << 20, Bytes::from(vec![1u8; 4096]), false, 4, None).await.unwrap();
+    let st = rep.stamps(0, regions).await.unwrap();
+    assert_eq!(&st[..4], &[0, 7, 0, 9], "stamps never go down");
+    assert_eq!(rep.stamps(regions, 1).await.unwrap_err().kind(), ErrorKind::OutOfRange);
+    // A payload that does not match its crc is refused and changes nothing.
+    let data = Bytes::from(vec![5u8; 4096]);
+    let e = rep.write_at(0, data.clone(), false, 1, Some(crc32c::crc32c(&data) ^ 1)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(rep.read(0, 4096).await.unwrap().iter().all(|&b| b == 0));
+    rep.write_at(0, data.clone(), false, 1, Some(crc32c::crc32c(&data))).await.unwrap();
+    // Records and marks are durable metadata, also visible to a probe.
+    let rec = Membership { generation: 12, epoch: 1, clean: false, members: vec![id, 99] };
+    rep.set_membership(&rec).await.unwrap();
+    let mark = RebuildMark { progress: 3, pieces: vec![(5, 12), (u64::MAX, 0)] };
+    rep.set_rebuild(Some(&mark)).await.unwrap();
+    let meta = rep.meta().await.unwrap();
+    assert_eq!((meta.membership, meta.rebuild.clone()), (rec.clone(), Some(mark)));
+    let older = Membership { generation: 11, ..rec.clone() };
+    assert_eq!(rep.set_membership(&older).await.unwrap_err().kind(), ErrorKind::InvalidArgument);
+    rep.set_rebuild(None).await.unwrap();
+    let probed = remote::probe(&r.addr, &opts()).await.unwrap().meta.unwrap();
+    assert_eq!((probed.membership, probed.rebuild), (rec, None));
 }

@@ -76,13 +76,16 @@ pub struct Up {
     pub uri: String,
     pub addr: String,
     pub name: String,
+    /// Control API address (HOST:PORT).
+    pub api: String,
 }
 
 impl Up {
     /// Starts `jiva up` with the given replica count and size in `dir`, on
-    /// a free loopback port, and waits until it prints its NBD URI.
+    /// free loopback ports (NBD and API), and waits until it prints its NBD URI.
     pub fn start(dir: &Path, size: &str, replicas: u32, extra: &[&str]) -> Up {
         let name = "vol";
+        let api_args: &[&str] = if extra.contains(&"--api") { &[] } else { &["--api", "127.0.0.1:0"] };
         let mut child = Command::new(JIVA)
             .args(["up", "--dir"])
             .arg(dir)
@@ -96,8 +99,9 @@ impl Up {
                 "--nbd",
                 "127.0.0.1:0",
             ])
+            .args(api_args)
             .args(extra)
-            .env("JIVA_LOG", "warn")
+            .env("JIVA_LOG", std::env::var("JIVA_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -105,21 +109,28 @@ impl Up {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let mut uri = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(uri) = line.strip_prefix("NBD URI: ") {
-                    let _ = tx.send(uri.trim().to_string());
+                if let Some(u) = line.strip_prefix("NBD URI: ") {
+                    uri = Some(u.trim().to_string());
+                }
+                if let Some(api) = line.strip_prefix("API: ")
+                    && let Some(u) = uri.take()
+                {
+                    let api = api.trim().trim_start_matches("http://").to_string();
+                    let _ = tx.send((u, api));
                 }
             }
         });
-        let uri = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(uri) => uri,
+        let (uri, api) = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(x) => x,
             Err(_) => {
                 let _ = child.kill();
                 panic!("jiva up did not print its NBD URI within 60 s");
             }
         };
         let addr = uri.trim_start_matches("nbd://").split('/').next().unwrap().to_string();
-        Up { child: Some(child), dir: dir.to_path_buf(), uri, addr, name: name.into() }
+        Up { child: Some(child), dir: dir.to_path_buf(), uri, addr, name: name.into(), api }
     }
 
     pub fn port(&self) -> u16 {

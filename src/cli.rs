@@ -1,0 +1,235 @@
+//! The control commands that talk to a running controller's API:
+//! `jiva volume status`, `jiva replica ls|add|rm`. Human-readable tables by
+//! default, the API's JSON with `--json`; `replica add --wait` shows a
+//! rebuild progress bar (rate, ETA) when stdout is a terminal.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use jiva_core::size::ByteSize;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Where the controller's API is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Controller API address (`jiva up` serves it on 127.0.0.1:9500 by default).
+    #[arg(long, env = "JIVA_API", default_value = "127.0.0.1:9500", value_name = "ADDR")]
+    api: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Volume state, generation and replicas.
+    Status(ApiArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AddArgs {
+    /// Replica address (HOST:PORT) of a running `jiva replica`.
+    address: String,
+    /// Wait until the replica is healthy (progress bar on a terminal).
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RmArgs {
+    /// Replica address as listed by `jiva replica ls`.
+    address: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// One HTTP/1.1 request over loopback (Connection: close); returns status and body.
+async fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<(u16, Value)> {
+    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .with_context(|| format!("connecting to the controller API at {addr}"))?
+        .with_context(|| {
+            format!("connecting to the controller API at {addr} (is the controller running with --api?)")
+        })?;
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+        .await
+        .context("API timed out")??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text.split_once("\r\n\r\n").context("malformed API response")?;
+    let status: u16 =
+        head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed API status line")?;
+    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    let value = if body.trim().is_empty() { Value::Null } else { serde_json::from_str(&body)? };
+    Ok((status, value))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+async fn get_ok(api: &str, path: &str) -> anyhow::Result<Value> {
+    let (status, v) = http(api, "GET", path, None).await?;
+    if status != 200 {
+        bail!("API error {status}: {}", v["error"].as_str().unwrap_or(""));
+    }
+    Ok(v)
+}
+
+fn print_replicas(replicas: &Value) {
+    println!(
+        "{:<24} {:<11} {:<17} {:>9} {:>9} {:>7}  REBUILD",
+        "ADDRESS", "STATE", "STORE", "READS", "WRITES", "ERRORS"
+    );
+    for r in replicas.as_array().into_iter().flatten() {
+        let rebuild = match &r["rebuild"] {
+            Value::Null => String::new(),
+            rb => {
+                let (done, total) =
+                    (rb["done_bytes"].as_u64().unwrap_or(0), rb["total_bytes"].as_u64().unwrap_or(0));
+                let pct = (done * 100).checked_div(total).unwrap_or(0);
+                format!(
+                    "{pct}% of {} from {} ({}/s)",
+                    ByteSize(total),
+                    rb["source"].as_str().unwrap_or("?"),
+                    ByteSize(rb["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) as u64)
+                )
+            }
+        };
+        println!(
+            "{:<24} {:<11} {:<17} {:>9} {:>9} {:>7}  {}",
+            r["address"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            r["store_id"].as_str().unwrap_or("-"),
+            r["reads"].as_u64().unwrap_or(0),
+            r["writes"].as_u64().unwrap_or(0),
+            r["errors"].as_u64().unwrap_or(0),
+            rebuild
+        );
+    }
+}
+
+pub async fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
+    let VolumeCommand::Status(a) = cmd;
+    let v = get_ok(&a.api, "/v1/volume").await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "volume {}: {}, {} of {} replica(s) healthy (minimum {}), size {}, epoch {}, generation {}",
+        v["name"].as_str().unwrap_or(""),
+        v["state"].as_str().unwrap_or(""),
+        v["healthy"],
+        v["replicas"].as_array().map_or(0, |r| r.len()),
+        v["min_healthy"],
+        ByteSize(v["size"].as_u64().unwrap_or(0)),
+        v["epoch"],
+        v["generation"]
+    );
+    print_replicas(&v["replicas"]);
+    Ok(())
+}
+
+pub async fn ls(a: ApiArgs) -> anyhow::Result<()> {
+    let v = get_ok(&a.api, "/v1/replicas").await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_replicas(&v);
+    }
+    Ok(())
+}
+
+pub async fn add(a: AddArgs) -> anyhow::Result<()> {
+    let (status, v) =
+        http(&a.api.api, "POST", "/v1/replicas", Some(&serde_json::json!({ "address": a.address }))).await?;
+    if status != 201 {
+        bail!("cannot add {}: {}", a.address, v["error"].as_str().unwrap_or("unknown error"));
+    }
+    if a.api.json {
+        println!("{v}");
+    } else {
+        println!("added replica {}", a.address);
+    }
+    if a.wait {
+        wait_healthy(&a.api.api, &a.address).await?;
+    }
+    Ok(())
+}
+
+/// Polls until `addr` is healthy, with a progress bar on a terminal.
+async fn wait_healthy(api: &str, addr: &str) -> anyhow::Result<()> {
+    let bar = std::io::stdout().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "rebuild {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    loop {
+        let list = get_ok(api, "/v1/replicas").await?;
+        let r = list.as_array().into_iter().flatten().find(|r| r["address"] == addr).cloned();
+        let Some(r) = r else { bail!("replica {addr} is no longer part of the volume") };
+        if r["state"] == "healthy" {
+            if let Some(bar) = &bar {
+                bar.finish_with_message("healthy");
+            } else {
+                println!("replica {addr} is healthy");
+            }
+            return Ok(());
+        }
+        if let (Some(bar), Value::Object(rb)) = (&bar, &r["rebuild"]) {
+            bar.set_length(rb.get("total_bytes").and_then(Value::as_u64).unwrap_or(0));
+            bar.set_position(rb.get("done_bytes").and_then(Value::as_u64).unwrap_or(0));
+            bar.set_message(format!("from {}", rb.get("source").and_then(Value::as_str).unwrap_or("?")));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub async fn rm(a: RmArgs) -> anyhow::Result<()> {
+    let (status, v) = http(&a.api.api, "DELETE", &format!("/v1/replicas/{}", a.address), None).await?;
+    if status != 200 {
+        bail!("cannot remove {}: {}", a.address, v["error"].as_str().unwrap_or("unknown error"));
+    }
+    if a.api.json {
+        println!("{v}");
+    } else {
+        println!("removed replica {}", a.address);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dechunks() {
+        assert_eq!(super::dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
+    }
+}
