@@ -13,6 +13,8 @@ for tool in nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit fio:fio qemu-img
 done
 # qemu's iscsi:// driver is a module of its own.
 ls /usr/lib/*/qemu/block-iscsi.so >/dev/null 2>&1 || need+=(qemu-block-extra)
+# bindgen (the tcmu-sys crate) needs libclang at build time.
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "installing test peers: ${need[*]}"

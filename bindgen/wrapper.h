@@ -1,0 +1,1 @@
+#include <linux/target_core_user.h>
