@@ -37,6 +37,9 @@ pub struct Args {
     /// I/O engine for the replicas.
     #[arg(long, value_name = "uring|sync")]
     io_engine: Option<EngineKind>,
+    /// Replicas keep their data files out of the page cache (O_DIRECT).
+    #[arg(long)]
+    direct_io: bool,
     /// Control API listen address (`jiva volume status` etc. use it).
     #[arg(long, default_value = "127.0.0.1:9500")]
     api: String,
@@ -168,6 +171,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ];
         if let Some(engine) = args.io_engine {
             a.extend(["--io-engine".to_string(), engine.to_string()]);
+        }
+        if args.direct_io {
+            a.push("--direct-io".to_string());
         }
         replica_args.push(a);
     }

@@ -167,3 +167,13 @@ fn fio_verifies_with_the_sync_engine_and_one_replica() {
     fio_verify(&up.uri, "4k", "16M");
     up.stop();
 }
+
+#[test]
+fn fio_verifies_with_direct_io_replicas() {
+    require("fio");
+    let dir = tmp();
+    let up = Up::start(dir.path(), "64M", 2, &["--direct-io"]);
+    fio_verify(&up.uri, "4k", "16M");
+    fio_verify(&up.uri, "64k", "32M");
+    up.stop();
+}

@@ -18,8 +18,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+use self::aligned::AlignedBuf;
 use jiva_core::{Error, ErrorKind};
 
+pub mod aligned;
 pub mod sync;
 pub mod uring;
 
@@ -60,7 +63,7 @@ impl fmt::Display for EngineKind {
 #[derive(Debug)]
 pub enum Action {
     /// Fill the buffer from the file (its whole length; EOF is an error).
-    Read(Vec<u8>),
+    Read(AlignedBuf),
     /// Write the whole buffer; with `dsync`, durably (RWF_DSYNC).
     Write { data: Bytes, dsync: bool },
     /// fdatasync the file (offset ignored).
@@ -79,7 +82,7 @@ pub struct Request {
 
 impl Request {
     pub fn read(file: &Arc<File>, offset: u64, len: usize) -> Request {
-        Request { file: file.clone(), offset, action: Action::Read(vec![0; len]) }
+        Request { file: file.clone(), offset, action: Action::Read(AlignedBuf::zeroed(len)) }
     }
 
     pub fn write(file: &Arc<File>, offset: u64, data: Bytes) -> Request {
@@ -104,7 +107,7 @@ impl Request {
 #[derive(Debug)]
 pub enum Completion {
     /// A read's filled buffer.
-    Read(Vec<u8>),
+    Read(AlignedBuf),
     /// Anything else.
     Done,
 }
@@ -113,16 +116,16 @@ impl Completion {
     /// A copy of a read's buffer (empty for other operations).
     pub fn clone_buf(&self) -> Vec<u8> {
         match self {
-            Completion::Read(buf) => buf.clone(),
+            Completion::Read(buf) => buf.to_vec(),
             Completion::Done => Vec::new(),
         }
     }
 
     /// The buffer of a read (empty for other operations).
-    pub fn into_buf(self) -> Vec<u8> {
+    pub fn into_buf(self) -> AlignedBuf {
         match self {
             Completion::Read(buf) => buf,
-            Completion::Done => Vec::new(),
+            Completion::Done => AlignedBuf::default(),
         }
     }
 }
