@@ -121,10 +121,10 @@ def free_port():
     return port
 
 
-def start_jiva(jiva, workdir, size, replicas):
-    d = os.path.join(workdir, f"jiva-{replicas}")
+def start_jiva(jiva, workdir, size, replicas, extra=()):
+    d = os.path.join(workdir, f"jiva-{replicas}{'-'.join(extra)}")
     proc = subprocess.Popen(
-        [jiva, "up", "--dir", d, "--size", size, "--replicas", str(replicas), "--nbd", "127.0.0.1:0"],
+        [jiva, "up", "--dir", d, "--size", size, "--replicas", str(replicas), "--nbd", "127.0.0.1:0", *extra],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "JIVA_LOG": "warn"},
     )
     for line in proc.stdout:
@@ -133,7 +133,7 @@ def start_jiva(jiva, workdir, size, replicas):
             break
     else:
         die("jiva up did not start")
-    return Server(f"jiva {replicas}r", proc, uri)
+    return Server(f"jiva {replicas}r" + (" direct" if extra else ""), proc, uri)
 
 
 def start_nbdkit(workdir, size_bytes):
@@ -227,6 +227,7 @@ def main():
     starters = [
         ("jiva 1r", lambda: start_jiva(args.jiva, workdir, args.size, 1)),
         ("jiva 3r", lambda: start_jiva(args.jiva, workdir, args.size, 3)),
+        ("jiva 1r direct", lambda: start_jiva(args.jiva, workdir, args.size, 1, ("--direct-io",))),
         ("nbdkit file", lambda: start_nbdkit(workdir, size_bytes)),
         ("qemu-nbd", lambda: start_qemu_nbd(workdir, size_bytes)),
     ]
