@@ -44,12 +44,14 @@ def main():
     ap.add_argument("--jiva", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "jiva"))
     ap.add_argument("--data", default="1G")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--direct-io", action="store_true", help="replicas with O_DIRECT data files")
     a = ap.parse_args()
+    extra = ["--direct-io"] if a.direct_io else []
     jiva = os.path.abspath(a.jiva)
     base = a.dir or tempfile.mkdtemp(prefix="jiva-rebuild-bench-")
     procs = []
     try:
-        r1, addr1 = spawn([jiva, "replica", "--listen", "127.0.0.1:0", "--dir", f"{base}/r1", "--size", "2G"], "listening on ")
+        r1, addr1 = spawn([jiva, "replica", "--listen", "127.0.0.1:0", "--dir", f"{base}/r1", "--size", "2G", *extra], "listening on ")
         procs.append(r1)
         ctl, ready = spawn([jiva, "controller", "--name", "vol", "--size", "2G", "--replica", addr1,
                             "--nbd", "127.0.0.1:0", "--api", "127.0.0.1:0"], "ready ")
@@ -59,7 +61,7 @@ def main():
         subprocess.check_call(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=1M",
                                "--iodepth=8", f"--size={a.data}", "--output=/dev/null"])
         port = free_port()
-        r2, _ = spawn([jiva, "replica", "--listen", f"127.0.0.1:{port}", "--dir", f"{base}/r2", "--size", "2G"], "listening on ")
+        r2, _ = spawn([jiva, "replica", "--listen", f"127.0.0.1:{port}", "--dir", f"{base}/r2", "--size", "2G", *extra], "listening on ")
         procs.append(r2)
         t0 = time.time()
         subprocess.check_call([jiva, "replica", "add", f"127.0.0.1:{port}", "--api", api], stdout=subprocess.DEVNULL)
@@ -73,7 +75,7 @@ def main():
         # Again with a fresh second replica, and foreground I/O during the copy.
         subprocess.check_call([jiva, "replica", "rm", f"127.0.0.1:{port}", "--api", api], stdout=subprocess.DEVNULL)
         r2.kill(); r2.wait(); shutil.rmtree(f"{base}/r2")
-        r2, _ = spawn([jiva, "replica", "--listen", f"127.0.0.1:{port}", "--dir", f"{base}/r2", "--size", "2G"], "listening on ")
+        r2, _ = spawn([jiva, "replica", "--listen", f"127.0.0.1:{port}", "--dir", f"{base}/r2", "--size", "2G", *extra], "listening on ")
         procs.append(r2)
         fg = subprocess.Popen([sys.executable, "-c",
             f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
