@@ -40,7 +40,7 @@ file_target=$target_dir/release/examples/file_target
 
 work=$(mktemp -d /var/tmp/jiva-iscsi-bench.XXXXXX)
 pids=()
-ctl=$((30000 + $$ % 20000))
+ctl=$((20000 + $$ % 12000)) # tgtd takes control ports up to 32767
 cleanup() {
     local p
     # tgtd ignores SIGTERM; it exits on a system delete once no target is left.

@@ -285,8 +285,9 @@ impl Tgtd {
     fn start(backing: &Path) -> Tgtd {
         require("tgtd");
         require("tgtadm");
-        // A control port of our own, so we never talk to another tgtd.
-        let control = (20_000 + std::process::id() % 40_000).to_string();
+        // A control port of our own, so we never talk to another tgtd
+        // (tgtd accepts up to 32767).
+        let control = (20_000 + std::process::id() % 12_000).to_string();
         let port = free_port();
         let portal = format!("127.0.0.1:{port}");
         // Its chatter goes to a log next to the backing file.
@@ -403,7 +404,7 @@ fn conformance_suite_ours_passes_every_test_tgtd_passes() {
 
     let mut report = String::new();
     let mut missing = Vec::new();
-    // Without --dataloss first (the suite then only reads), then with it.
+    // Without --dataloss first (the suite then skips the tests that write), then with it.
     for dataloss in [false, true] {
         let started = Instant::now();
         let theirs = test_cu(&tgtd_url, dataloss);

@@ -2,8 +2,10 @@
 //! for comparing the frontend alone with other targets on the same file.
 //!
 //! ```sh
-//! cargo run --release -p jiva-iscsi --example file_target -- FILE|mem:SIZE_MIB ADDR IQN [--thin]
+//! cargo run --release -p jiva-iscsi --example file_target -- FILE|mem:SIZE_MIB ADDR IQN
 //! ```
+//!
+//! `benches/iscsi.sh` uses it to compare the frontend with tgtd on one file.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -74,7 +76,6 @@ async fn serve<D: BlockDevice>(dev: D, addr: &str, iqn: &str) -> std::io::Result
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    tracing_subscriber_init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [path, addr, iqn, ..] = args.as_slice() else {
         eprintln!("usage: file_target FILE|mem:SIZE_MIB ADDR IQN");
@@ -89,5 +90,3 @@ async fn main() -> std::io::Result<()> {
         serve(FileDevice { file: Arc::new(file), size }, addr, iqn).await
     }
 }
-
-fn tracing_subscriber_init() {}

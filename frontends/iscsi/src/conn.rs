@@ -14,7 +14,8 @@
 //! half-done replicated write is worse than a finished one). ABORT TASK
 //! and the resets mark tasks aborted, wait for them to finish, and make
 //! sure their responses are never sent; tasks still waiting for data are
-//! dropped at once.
+//! dropped at once. Resets abort the issuing session's tasks; other
+//! sessions' tasks complete normally, and their nexuses get a unit attention.
 //!
 //! Hostile input: oversized segments are skipped and rejected; unknown
 //! opcodes and malformed PDUs are rejected; out-of-window commands are
@@ -51,6 +52,14 @@ const MAX_WRITE_LEN: u32 = MAX_IO_BYTES + 1024 * 1024;
 const MAX_BUFFERED: usize = 4 * MAX_IO_BYTES as usize;
 /// Largest text accumulated over continued Text Requests.
 const MAX_TEXT: usize = 64 * 1024;
+/// SCSI commands one connection may have in flight (immediate commands
+/// are outside the CmdSN window, so the window alone does not bound them).
+const MAX_TASKS: usize = 256;
+/// Bytes of PDUs the reader itself queues (NOP-In, R2T, Reject, text and
+/// task management responses) beyond which it stops reading until the
+/// writer catches up: an initiator that sends but never reads cannot make
+/// us buffer without bound.
+const MAX_BACKLOG: usize = 4 << 20;
 
 /// Why a connection ended abnormally. A logout, a clean close between
 /// PDUs and a server shutdown are `Ok`.
@@ -456,17 +465,19 @@ fn join_session<D: BlockDevice>(target: &IscsiTarget<D>, o: &login::Outcome) -> 
 }
 
 /// Runs a connection: login, then the full feature phase.
-pub(crate) async fn run<D, S>(
+/// `rd` and `wr` are the two halves of one byte stream.
+pub(crate) async fn run<D, R, W>(
     target: Arc<IscsiTarget<D>>,
-    stream: S,
+    rd: R,
+    wr: W,
     local: Option<SocketAddr>,
     mut shutdown: Shutdown,
 ) -> Result<(), ConnError>
 where
     D: BlockDevice,
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
     let mut wr = BufWriter::with_capacity(256 * 1024, wr);
     let limit = target.login_timeout;
@@ -497,10 +508,48 @@ enum Out {
         residual: Residual,
         /// Sense data with its two-byte length prefix (empty: none).
         sense: Bytes,
-        _permit: Option<OwnedSemaphorePermit>,
+        _hold: Hold,
     },
     /// Flush and stop.
     Close,
+}
+
+/// Bytes the reader has queued for the writer, and a signal when they drain.
+#[derive(Default)]
+struct Backlog {
+    queued: std::sync::atomic::AtomicUsize,
+    drained: Notify,
+}
+
+impl Backlog {
+    fn add(&self, n: usize) {
+        self.queued.fetch_add(n, Ordering::SeqCst);
+    }
+
+    fn remove(&self, n: usize) {
+        let before = self.queued.fetch_sub(n, Ordering::SeqCst);
+        if before.saturating_sub(n) <= MAX_BACKLOG / 2 {
+            self.drained.notify_waiters();
+        }
+    }
+
+    async fn wait_below(&self, limit: usize) {
+        loop {
+            let drained = self.drained.notified();
+            if self.queued.load(Ordering::SeqCst) <= limit {
+                return;
+            }
+            drained.await;
+        }
+    }
+}
+
+/// What a command holds until its response is written: its share of the
+/// data budget and its task slot.
+#[derive(Default)]
+struct Hold {
+    _bytes: Option<OwnedSemaphorePermit>,
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 /// Tracks one task for aborts.
@@ -545,10 +594,12 @@ struct Conn<D: BlockDevice> {
     session: Arc<Session>,
     out: mpsc::UnboundedSender<Out>,
     tasks: Mutex<HashMap<u32, Arc<TaskCtl>>>,
+    backlog: Arc<Backlog>,
 }
 
 impl<D: BlockDevice> Conn<D> {
     fn send(&self, pdu: Pdu, kind: StatKind) {
+        self.backlog.add(BHS_LEN + pdu.data().len());
         // The writer only goes away with the connection.
         let _ = self.out.send(Out::Pdu(pdu, kind));
     }
@@ -568,7 +619,7 @@ impl<D: BlockDevice> Conn<D> {
     }
 
     /// Sends the response of a finished command unless it was aborted.
-    fn complete(&self, cmd: &Cmd, outcome: Outcome, permit: Option<OwnedSemaphorePermit>) {
+    fn complete(&self, cmd: &Cmd, outcome: Outcome, hold: Hold) {
         let produced = outcome.data.len() as u64;
         let edtl = u64::from(cmd.edtl);
         let (data, residual) = if cmd.write {
@@ -593,7 +644,7 @@ impl<D: BlockDevice> Conn<D> {
             status: outcome.status as u8,
             residual,
             sense,
-            _permit: permit,
+            _hold: hold,
         };
         let mut tasks = lock(&self.tasks);
         let ctl = tasks.remove(&cmd.itt);
@@ -650,7 +701,7 @@ struct PendingWrite {
     next_offset: u32,
     r2t_sn: u32,
     failed: Option<Sense>,
-    permit: Option<OwnedSemaphorePermit>,
+    hold: Hold,
 }
 
 /// Why the reader stopped.
@@ -666,6 +717,7 @@ struct Reader<D: BlockDevice> {
     cid: u16,
     params: Negotiated,
     budget: Arc<Semaphore>,
+    slots: Arc<Semaphore>,
     pending: HashMap<u32, PendingWrite>,
     next_ttt: u32,
     text: Vec<u8>,
@@ -688,9 +740,11 @@ where
     let LoggedIn { session, cid, params, stat_sn, kill: (kill_tx, mut kill_rx) } = li;
     let digests = Digests { header: params.header_digest, data: params.data_digest };
     let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(Backlog::default());
     let writer = tokio::spawn(writer(
         wr,
         out_rx,
+        Arc::clone(&backlog),
         Arc::clone(&session),
         digests,
         params.max_send_data_segment,
@@ -703,12 +757,14 @@ where
         session: Arc::clone(&session),
         out: out_tx,
         tasks: Mutex::default(),
+        backlog: Arc::clone(&backlog),
     });
     let mut reader = Reader {
         conn: Arc::clone(&conn),
         cid,
         params,
         budget: Arc::new(Semaphore::new(MAX_BUFFERED)),
+        slots: Arc::new(Semaphore::new(MAX_TASKS)),
         pending: HashMap::new(),
         next_ttt: 1,
         text: Vec::new(),
@@ -720,7 +776,10 @@ where
             biased;
             () = shutdown.wait() => break Ok(End::Closed),
             _ = kill_rx.wait_for(|k| *k) => break Ok(End::Closed),
-            r = read_pdu(&mut rd, digests, max_recv) => r,
+            r = async {
+                backlog.wait_below(MAX_BACKLOG).await;
+                read_pdu(&mut rd, digests, max_recv).await
+            } => r,
         };
         match incoming {
             Ok(None) => break Ok(End::Closed),
@@ -804,6 +863,7 @@ where
 async fn writer<W: AsyncWrite + Unpin>(
     wr: W,
     mut rx: mpsc::UnboundedReceiver<Out>,
+    backlog: Arc<Backlog>,
     session: Arc<Session>,
     digests: Digests,
     max_send: u32,
@@ -822,8 +882,9 @@ async fn writer<W: AsyncWrite + Unpin>(
                     let (mut bhs, ahs) = pdu.encode_header();
                     stamp(&mut bhs, kind, &mut stat_sn, &session);
                     wr.pdu(&bhs, &ahs, pdu.data(), digests).await?;
+                    backlog.remove(BHS_LEN + pdu.data().len());
                 }
-                Out::Response { lun, itt, data, status, residual, sense, _permit } => {
+                Out::Response { lun, itt, data, status, residual, sense, _hold } => {
                     let collapse = sense.is_empty() && !data.is_empty();
                     let mut offset = 0usize;
                     let mut data_sn = 0u32;
@@ -1040,21 +1101,25 @@ impl<D: BlockDevice> Reader<D> {
             self.conn.reject(reject::PROTOCOL_ERROR, header);
             return;
         }
+        // Back-pressure: a task slot, and this command's data within the
+        // byte budget.
+        let slot = Arc::clone(&self.slots).acquire_owned().await.ok();
         lock(&self.conn.tasks).insert(itt, Arc::new(TaskCtl::default()));
         if c.write && c.edtl > MAX_WRITE_LEN {
-            self.conn.complete(&cmd, failed(Sense::invalid_cdb(0, None)), None);
+            let hold = Hold { _bytes: None, _slot: slot };
+            self.conn.complete(&cmd, failed(Sense::invalid_cdb(0, None)), hold);
             return;
         }
-        // Back-pressure: hold data for this command within the budget.
         let want =
             (c.edtl.min(if c.write { MAX_WRITE_LEN } else { MAX_IO_BYTES }) as usize).min(MAX_BUFFERED);
-        let permit = if want == 0 {
+        let bytes = if want == 0 {
             None
         } else {
             Arc::clone(&self.budget).acquire_many_owned(want as u32).await.ok()
         };
+        let hold = Hold { _bytes: bytes, _slot: slot };
         if !c.write || c.edtl == 0 || imm.len() as u32 == c.edtl {
-            self.start(cmd, imm, permit);
+            self.start(cmd, imm, hold);
             return;
         }
         let params = self.session().params;
@@ -1082,7 +1147,7 @@ impl<D: BlockDevice> Reader<D> {
             next_offset: unsolicited_end,
             r2t_sn: 0,
             failed: None,
-            permit,
+            hold,
         };
         self.solicit(&mut pw);
         self.pending.insert(itt, pw);
@@ -1166,12 +1231,12 @@ impl<D: BlockDevice> Reader<D> {
             && (seq_done || pw.received >= pw.cmd.edtl)
         {
             let cmd = pw.cmd.clone();
-            self.conn.complete(&cmd, failed(sense), pw.permit.take());
+            self.conn.complete(&cmd, failed(sense), std::mem::take(&mut pw.hold));
             return;
         }
         if pw.received >= pw.cmd.edtl && pw.unsolicited.is_none() && pw.r2ts.is_empty() {
-            let PendingWrite { cmd, buf, permit, .. } = pw;
-            self.start(cmd, buf.freeze(), permit);
+            let PendingWrite { cmd, buf, hold, .. } = pw;
+            self.start(cmd, buf.freeze(), hold);
             return;
         }
         if seq_done {
@@ -1181,7 +1246,7 @@ impl<D: BlockDevice> Reader<D> {
     }
 
     /// Hands a command with all its data to a task.
-    fn start(&mut self, cmd: Cmd, data: Bytes, permit: Option<OwnedSemaphorePermit>) {
+    fn start(&mut self, cmd: Cmd, data: Bytes, hold: Hold) {
         let conn = Arc::clone(&self.conn);
         tokio::spawn(async move {
             let target = &conn.target;
@@ -1190,7 +1255,7 @@ impl<D: BlockDevice> Reader<D> {
             } else {
                 missing_lun(&cmd.cdb)
             };
-            conn.complete(&cmd, outcome, permit);
+            conn.complete(&cmd, outcome, hold);
         });
     }
 

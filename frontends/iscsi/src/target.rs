@@ -203,7 +203,9 @@ impl<D: BlockDevice> IscsiTarget<D> {
                         conns.spawn(
                             async move {
                                 debug!("connection accepted");
-                                match conn::run(target, socket, local, stop).await {
+                                // Owned halves of a TCP socket need no lock between them.
+                                let (rd, wr) = socket.into_split();
+                                match conn::run(target, rd, wr, local, stop).await {
                                     Ok(()) => debug!("connection closed"),
                                     Err(e) => info!(error = %e, "connection ended"),
                                 }
@@ -239,7 +241,8 @@ impl<D: BlockDevice> IscsiTarget<D> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        conn::run(self, stream, None, Shutdown::never()).await
+        let (rd, wr) = tokio::io::split(stream);
+        conn::run(self, rd, wr, None, Shutdown::never()).await
     }
 }
 

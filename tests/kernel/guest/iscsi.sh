@@ -42,12 +42,18 @@ iscsi_disk() {
 iscsi_has_disk() { [ -n "$(iscsi_disk)" ]; }
 iscsi_no_disk() { [ -z "$(iscsi_disk)" ]; }
 
-# Discovers the portal, logs in, waits for the disk; prints /dev/sdX.
+# iscsi_login [NAME=VALUE...]: discovers the portal, sets the node record's
+# NAME to VALUE (after discovery, which rewrites the record), logs in, waits
+# for the disk; prints /dev/sdX.
 iscsi_login() {
-    local targets d
+    local targets d kv
     targets=$(timeout 60 iscsiadm -m discovery -t st -p "$PORTAL") || kt_fail "discovery on $PORTAL failed"
     echo "$targets" >&2
     echo "$targets" | grep -q " $IQN\$" || kt_fail "discovery did not list $IQN"
+    for kv in "$@"; do
+        iscsiadm -m node -T "$IQN" -p "$PORTAL" -o update -n "${kv%%=*}" -v "${kv#*=}" >&2 \
+            || kt_fail "cannot set ${kv%%=*}"
+    done
     timeout 60 iscsiadm -m node -T "$IQN" -p "$PORTAL" --login >&2 || kt_fail "login to $IQN failed"
     kt_wait 30 "an sd disk for the session" iscsi_has_disk
     d=/dev/$(iscsi_disk)
@@ -106,11 +112,7 @@ relogin_verify() {
     [ "$dev" != /dev/ ] || kt_fail "no iSCSI disk from the previous case"
     iscsi_logout
     kt_drop_caches
-    for d in HeaderDigest DataDigest; do
-        iscsiadm -m node -T "$IQN" -p "$PORTAL" -o update -n "node.conn[0].iscsi.$d" -v CRC32C \
-            || kt_fail "cannot set $d"
-    done
-    dev=$(iscsi_login)
+    dev=$(iscsi_login "node.conn[0].iscsi.HeaderDigest=CRC32C" "node.conn[0].iscsi.DataDigest=CRC32C")
     iscsiadm -m session -P 2 >&2
     iscsiadm -m session -P 2 | grep -q "HeaderDigest: CRC32C" || kt_fail "header digest not negotiated"
     iscsiadm -m session -P 2 | grep -q "DataDigest: CRC32C" || kt_fail "data digest not negotiated"

@@ -517,3 +517,30 @@ async fn lun_numbering() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn an_initiator_that_never_reads_is_throttled() {
+    let t = Arc::new(target());
+    let (mine, theirs) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(Arc::clone(&t).handle_connection(theirs));
+    let mut o = LoginOptions::normal(INITIATOR, IQN);
+    o.max_recv_data_segment = 65536;
+    let mut c = Client::login(mine, o).await.unwrap();
+    // 64 KiB pings that are never read: 64 MiB of echoes, far beyond what
+    // the target may queue; it must stop reading (so we block) instead.
+    let flood = async {
+        for itt in 0..1024u32 {
+            let ping = Pdu::NopOut(NopOut {
+                immediate: true,
+                lun: 0,
+                itt,
+                ttt: RESERVED_TAG,
+                cmd_sn: c.cmd_sn,
+                exp_stat_sn: 0,
+                data: Bytes::from(vec![7u8; 65536]),
+            });
+            c.send(&ping).await.unwrap();
+        }
+    };
+    assert!(tokio::time::timeout(Duration::from_secs(3), flood).await.is_err(), "target read without bound");
+}

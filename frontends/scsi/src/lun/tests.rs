@@ -16,7 +16,7 @@ fn rw(width: Width, lba: u64, blocks: u32) -> Rw {
     Rw { width, lba, blocks, dpo: false, fua: false, protect: 0 }
 }
 
-async fn run(lu: &LogicalUnit<MemDevice>, n: &Nexus, cmd: Command, data: Vec<u8>) -> Outcome {
+async fn run<D: BlockDevice>(lu: &LogicalUnit<D>, n: &Nexus, cmd: Command, data: Vec<u8>) -> Outcome {
     lu.execute(n, &cmd.encode(), Bytes::from(data)).await
 }
 
@@ -369,4 +369,74 @@ async fn get_lba_status_first_descriptor_starts_at_the_request() {
     // A start inside a physical block is reported from the next one.
     let out = run(&lu, &n, Command::GetLbaStatus { lba: 9, alloc: 24 }, vec![]).await;
     assert_eq!(u64::from_be_bytes(out.data[8..16].try_into().unwrap()), 16);
+}
+
+/// A device that reports chosen capabilities.
+struct Limited(MemDevice, jiva_core::Capabilities);
+
+impl BlockDevice for Limited {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn capabilities(&self) -> jiva_core::Capabilities {
+        self.1
+    }
+    async fn read(&self, offset: u64, len: usize) -> jiva_core::Result<Bytes> {
+        self.0.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> jiva_core::Result<()> {
+        self.0.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> jiva_core::Result<()> {
+        self.0.flush().await
+    }
+}
+
+#[tokio::test]
+async fn without_trim_there_is_no_thin_provisioning() {
+    let caps = jiva_core::Capabilities { flush: true, ..Default::default() };
+    let lu = LogicalUnit::new(Arc::new(Limited(MemDevice::new(1 << 20), caps)), Identity::for_volume("v"));
+    let n = nexus("a");
+    let rc = run(&lu, &n, Command::ReadCapacity16 { alloc: 32 }, vec![]).await;
+    assert_eq!(rc.data[14] & 0x80, 0, "LBPME must be clear");
+    let vpd = run(&lu, &n, Command::Inquiry { evpd: true, page: 0xb2, alloc: 64 }, vec![]).await;
+    assert_eq!(vpd.data[5], 0, "no LBPU/LBPWS");
+    let out = run(&lu, &n, Command::Unmap { anchor: false, len: 24 }, vec![0; 24]).await;
+    assert_eq!(asc(&out), Some((key::ILLEGAL_REQUEST, Asc::INVALID_OPCODE)));
+    let ws = Command::WriteSame {
+        width: Width::W16,
+        lba: 0,
+        blocks: 8,
+        unmap: true,
+        anchor: false,
+        ndob: false,
+        protect: 0,
+    };
+    let out = run(&lu, &n, ws, vec![0; 512]).await;
+    assert_eq!(asc(&out), Some((key::ILLEGAL_REQUEST, Asc::INVALID_FIELD_IN_CDB)));
+    // Without native FUA, a FUA write is followed by a flush and succeeds.
+    let mut fua = rw(Width::W10, 0, 1);
+    fua.fua = true;
+    assert_eq!(run(&lu, &n, Command::Write(fua), vec![1; 512]).await.status, Status::Good);
+}
+
+#[tokio::test]
+async fn read_only_device_refuses_writes() {
+    let caps = jiva_core::Capabilities { read_only: true, ..Default::default() };
+    let lu = LogicalUnit::new(Arc::new(Limited(MemDevice::new(1 << 20), caps)), Identity::for_volume("v"));
+    let n = nexus("a");
+    let out = run(&lu, &n, Command::Write(rw(Width::W10, 0, 1)), vec![1; 512]).await;
+    assert_eq!(asc(&out), Some((key::DATA_PROTECT, Asc::WRITE_PROTECTED)));
+    let ms = Command::ModeSense {
+        width: Width::W10,
+        dbd: true,
+        llbaa: false,
+        pc: 0,
+        page: 0x3f,
+        subpage: 0,
+        alloc: 255,
+    };
+    let out = run(&lu, &n, ms, vec![]).await;
+    assert_eq!(out.data[3] & 0x80, 0x80, "WP in the device-specific parameter");
+    assert_eq!(run(&lu, &n, Command::Read(rw(Width::W10, 0, 1)), vec![]).await.status, Status::Good);
 }
