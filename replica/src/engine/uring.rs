@@ -538,6 +538,15 @@ mod tests {
 
     use super::*;
 
+    /// An empty read-write file in a fresh temporary directory (kept alive
+    /// by the returned guard).
+    fn scratch_file() -> (tempfile::TempDir, Arc<File>) {
+        let dir = tempfile::tempdir().unwrap();
+        let file =
+            File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("f"));
+        (dir, Arc::new(file.unwrap()))
+    }
+
     #[tokio::test]
     async fn cached_reads_complete_inline_and_uncached_ones_through_the_ring() {
         let dir = tempfile::tempdir().unwrap();
@@ -564,16 +573,7 @@ mod tests {
     #[tokio::test]
     async fn batches_complete_and_shutdown_is_clean() {
         let engine = UringEngine::start().expect("io_uring available");
-        let dir = tempfile::tempdir().unwrap();
-        let file = Arc::new(
-            File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join("f"))
-                .unwrap(),
-        );
+        let (_dir, file) = scratch_file();
         let data = Bytes::from((0..=255u8).cycle().take(1 << 20).collect::<Vec<u8>>());
         let out =
             engine.run(vec![Request::write(&file, 4096, data.clone()), Request::fdatasync(&file)]).await;
@@ -607,16 +607,7 @@ mod tests {
     #[tokio::test]
     async fn dropped_caller_does_not_cancel_io() {
         let engine = UringEngine::start().expect("io_uring available");
-        let dir = tempfile::tempdir().unwrap();
-        let file = Arc::new(
-            File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join("f"))
-                .unwrap(),
-        );
+        let (dir, file) = scratch_file();
         let fut = engine.run(vec![Request::write(&file, 0, Bytes::from(vec![7u8; 1 << 20]))]);
         // Poll once so the job is queued, then drop the future.
         let _ = tokio::time::timeout(Duration::ZERO, fut).await;
