@@ -111,6 +111,8 @@ pub enum Op {
     BlockStatus,
     Handshake,
     Open,
+    /// Snapshot create, delete, revert, list.
+    Snapshot,
 }
 
 impl fmt::Display for Op {
@@ -124,6 +126,7 @@ impl fmt::Display for Op {
             Op::BlockStatus => "block-status",
             Op::Handshake => "handshake",
             Op::Open => "open",
+            Op::Snapshot => "snapshot",
         })
     }
 }

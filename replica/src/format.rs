@@ -13,8 +13,8 @@
 //!
 //! All integers are little-endian.
 //!
-//! **Manifest** (`store.meta`, format version 2; version 1 is read and
-//! upgraded on the next rewrite):
+//! **Manifest** (`store.meta`, format version 3; versions 1 and 2 are read
+//! and upgraded on the next rewrite):
 //!
 //! ```text
 //! off  len  field
@@ -42,8 +42,25 @@
 //!   .    8  rebuild progress (regions below it were copied in this pass)
 //!   .  8*m  member store ids
 //!   . 16*p  rebuild pieces: end region u64, threshold generation u64
+//!             (version 3 only, from here:)
+//!   .    8  layer id of the snapshot being merged into its child (0 = none)
+//!   .    …  per layer except the head, oldest first (the snapshots):
+//!             created u64 (unix ms) | flags u8 (bit 0 = SYSTEM)
+//!             | name length u8 | name (UTF-8)
 //!   .    4  crc32c of every preceding byte
 //! ```
+//!
+//! **Snapshots.** Every layer below the head is a snapshot: its contents
+//! are the chain up to and including it. Creating one freezes the head and
+//! appends a new empty head. Deleting one merges it into its child: the
+//! manifest first records the merge durably, the snapshot's blocks that
+//! the child lacks are copied into the child (data made durable before its
+//! record, so a record never points at data that is not there), and only
+//! then does a manifest rewrite drop the snapshot. Every view (each other
+//! snapshot and the head) reads the same at every point; a restart finds
+//! the marker and finishes the merge. Layer files not named in the
+//! manifest are leftovers of an interrupted create or revert and are
+//! deleted at open.
 //!
 //! The generation record and the rebuild mark are the controller's (see
 //! `jiva_core::volume`): which replicas were in step at which generation,
@@ -102,9 +119,10 @@ pub fn new_store_id() -> u64 {
 /// Manifest magic.
 pub const MAGIC: [u8; 8] = *b"JIVAREPL";
 /// The manifest format this build writes.
-pub const FORMAT_VERSION: u32 = 2;
-/// The older manifest format this build still reads.
+pub const FORMAT_VERSION: u32 = 3;
+/// Older manifest formats this build still reads.
 pub const FORMAT_VERSION_1: u32 = 1;
+pub const FORMAT_VERSION_2: u32 = 2;
 /// Bytes per block record.
 pub const RECORD_SIZE: u32 = 16;
 /// Default write-intent region: 1 MiB.
@@ -113,8 +131,12 @@ pub const DEFAULT_REGION_SIZE: u32 = 1 << 20;
 pub const FLAG_CLEAN: u32 = 1;
 /// Longest volume name accepted.
 pub const MAX_VOLUME_NAME: usize = 1024;
-/// Largest manifest accepted when reading.
-pub const MAX_MANIFEST_LEN: usize = 64 * 1024;
+/// Largest manifest accepted when reading (room for thousands of snapshots).
+pub const MAX_MANIFEST_LEN: usize = 4 << 20;
+/// Longest snapshot name.
+pub const MAX_SNAPSHOT_NAME: usize = 64;
+/// Snapshot flag: made by the system, not a user.
+pub const SNAP_SYSTEM: u8 = 1;
 
 pub const MANIFEST_FILE: &str = "store.meta";
 pub const MANIFEST_TMP_FILE: &str = "store.meta.tmp";
@@ -147,7 +169,7 @@ pub fn intent_len(regions: u64) -> u64 {
 pub enum FormatError {
     #[error("not a jiva store manifest (bad magic)")]
     BadMagic,
-    #[error("store format version {0} is not supported (this build reads versions 1 and {FORMAT_VERSION})")]
+    #[error("store format version {0} is not supported (this build reads versions 1 to {FORMAT_VERSION})")]
     UnsupportedVersion(u32),
     #[error("manifest checksum mismatch")]
     BadChecksum,
@@ -174,6 +196,35 @@ pub struct Manifest {
     pub membership: Membership,
     /// A rebuild into this store that has not finished.
     pub rebuild: Option<RebuildMark>,
+    /// One per layer except the head, in the same order as `layers`.
+    pub snapshots: Vec<SnapshotMeta>,
+    /// Layer id of a snapshot whose merge into its child has not finished.
+    pub merging: Option<u64>,
+}
+
+/// What the manifest keeps about a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    pub name: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// Made by the system (not by a user).
+    pub system: bool,
+}
+
+/// Checks a snapshot name: 1 to [`MAX_SNAPSHOT_NAME`] bytes of ASCII
+/// letters, digits, `.`, `_`, `-`, not starting with `.` or `-`.
+pub fn check_snapshot_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > MAX_SNAPSHOT_NAME {
+        return Err(format!("snapshot name must be 1 to {MAX_SNAPSHOT_NAME} characters"));
+    }
+    if !name.chars().all(ok_char) || name.starts_with(['.', '-']) {
+        return Err(format!(
+            "snapshot name {name:?} may hold only letters, digits, '.', '_' and '-', and not start with '.' or '-'"
+        ));
+    }
+    Ok(())
 }
 
 impl Manifest {
@@ -192,6 +243,8 @@ impl Manifest {
             store_id: new_store_id(),
             membership: Membership::default(),
             rebuild: None,
+            snapshots: Vec::new(),
+            merging: None,
         }
     }
 
@@ -210,12 +263,15 @@ pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
     let members = &m.membership.members[..m.membership.members.len().min(MAX_MEMBERS)];
     let pieces: &[(u64, u64)] =
         m.rebuild.as_ref().map_or(&[], |r| &r.pieces[..r.pieces.len().min(MAX_PIECES)]);
+    assert_eq!(m.snapshots.len(), m.layers.len() - 1, "one snapshot entry per non-head layer");
+    let snaps_len: usize = 8 + m.snapshots.iter().map(|s| 10 + s.name.len().min(255)).sum::<usize>();
     let total = FIXED_LEN
         + name.len()
         + 8 * m.layers.len()
         + EXT_LEN
         + 8 * members.len()
         + 16 * pieces.len()
+        + snaps_len
         + CRC_LEN;
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(&MAGIC);
@@ -248,6 +304,14 @@ pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
         out.extend_from_slice(&end.to_le_bytes());
         out.extend_from_slice(&t.to_le_bytes());
     }
+    out.extend_from_slice(&m.merging.unwrap_or(0).to_le_bytes());
+    for snap in &m.snapshots {
+        let name = &snap.name.as_bytes()[..snap.name.len().min(255)];
+        out.extend_from_slice(&snap.created_ms.to_le_bytes());
+        out.push(if snap.system { SNAP_SYSTEM } else { 0 });
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+    }
     let crc = crc32c::crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     debug_assert_eq!(out.len(), total);
@@ -262,7 +326,7 @@ pub fn decode_manifest(buf: &[u8]) -> Result<Manifest, FormatError> {
         return Err(FormatError::BadMagic);
     }
     let version = u32_at(buf, 8);
-    if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
+    if !(FORMAT_VERSION_1..=FORMAT_VERSION).contains(&version) {
         return Err(FormatError::UnsupportedVersion(version));
     }
     if buf.len() < FIXED_LEN + CRC_LEN {
@@ -288,7 +352,9 @@ pub fn decode_manifest(buf: &[u8]) -> Result<Manifest, FormatError> {
         let pieces = usize::from(u16_at(buf, ext_at + 30));
         (EXT_LEN + 8 * members + 16 * pieces, members, pieces)
     };
-    if ext_at + ext_len + CRC_LEN != buf.len() {
+    let snaps_at = ext_at + ext_len;
+    let exact = version != FORMAT_VERSION;
+    if (exact && snaps_at + CRC_LEN != buf.len()) || snaps_at + CRC_LEN > buf.len() {
         return Err(FormatError::Malformed("manifest field lengths do not add up"));
     }
     if member_count > MAX_MEMBERS || piece_count > MAX_PIECES {
@@ -354,10 +420,22 @@ pub fn decode_manifest(buf: &[u8]) -> Result<Manifest, FormatError> {
         };
         (u64_at(buf, e), membership, rebuild)
     };
+    let (snapshots, merging) = if version == FORMAT_VERSION {
+        decode_snapshots(&buf[snaps_at..buf.len() - CRC_LEN], &layers)?
+    } else {
+        // Older stores had no snapshots; name any extra layer after its id.
+        let snaps = layers[..layers.len() - 1]
+            .iter()
+            .map(|id| SnapshotMeta { name: format!("layer-{id}"), created_ms: 0, system: false })
+            .collect();
+        (snaps, None)
+    };
     Ok(Manifest {
         store_id,
         membership,
         rebuild,
+        snapshots,
+        merging,
         block_size: u32_at(buf, 16),
         record_size: u32_at(buf, 20),
         region_size: u32_at(buf, 24),
@@ -368,6 +446,39 @@ pub fn decode_manifest(buf: &[u8]) -> Result<Manifest, FormatError> {
         volume,
         layers,
     })
+}
+
+/// The version 3 snapshot section (without the crc).
+fn decode_snapshots(mut buf: &[u8], layers: &[u64]) -> Result<(Vec<SnapshotMeta>, Option<u64>), FormatError> {
+    let short = FormatError::Malformed("snapshot section too short");
+    let (merging, rest) = buf.split_first_chunk::<8>().ok_or(short.clone())?;
+    buf = rest;
+    let merging = match u64::from_le_bytes(*merging) {
+        0 => None,
+        id if layers[..layers.len() - 1].contains(&id) => Some(id),
+        _ => return Err(FormatError::Malformed("merge marker names no snapshot")),
+    };
+    let mut snaps = Vec::with_capacity(layers.len() - 1);
+    for _ in 1..layers.len() {
+        let (head, rest) = buf.split_first_chunk::<10>().ok_or(short.clone())?;
+        let created_ms = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        let (flags, len) = (head[8], usize::from(head[9]));
+        if flags & !SNAP_SYSTEM != 0 {
+            return Err(FormatError::Malformed("unknown snapshot flags"));
+        }
+        let name = rest.get(..len).ok_or(short.clone())?;
+        let name =
+            std::str::from_utf8(name).map_err(|_| FormatError::Malformed("snapshot name is not UTF-8"))?;
+        if snaps.iter().any(|s: &SnapshotMeta| s.name == name) {
+            return Err(FormatError::Malformed("duplicate snapshot name"));
+        }
+        snaps.push(SnapshotMeta { name: name.to_owned(), created_ms, system: flags & SNAP_SYSTEM != 0 });
+        buf = &rest[len..];
+    }
+    if !buf.is_empty() {
+        return Err(FormatError::Malformed("manifest field lengths do not add up"));
+    }
+    Ok((snaps, merging))
 }
 
 /// Record flag: the block is allocated in this layer.
@@ -496,10 +607,18 @@ mod tests {
                     epoch,
                     next_layer_id: next,
                     volume: volume.clone(),
-                    layers,
                     store_id,
                     membership: membership.clone(),
                     rebuild: rebuild.clone(),
+                    snapshots: (1..layers.len())
+                        .map(|i| SnapshotMeta {
+                            name: format!("snap-{i}"),
+                            created_ms: epoch ^ i as u64,
+                            system: i % 2 == 0,
+                        })
+                        .collect(),
+                    merging: (layers.len() > 1 && clean).then(|| layers[0]),
+                    layers,
                 })
             })
     }
@@ -568,8 +687,8 @@ mod tests {
     #[test]
     fn other_versions_are_refused_clearly() {
         let mut bytes = encode_manifest(&Manifest::new(1 << 20));
-        bytes[8] = 3;
-        assert_eq!(decode_manifest(&bytes), Err(FormatError::UnsupportedVersion(3)));
+        bytes[8] = 4;
+        assert_eq!(decode_manifest(&bytes), Err(FormatError::UnsupportedVersion(4)));
         assert_eq!(decode_manifest(b"hello world, this is not a manifest"), Err(FormatError::BadMagic));
     }
 
@@ -591,6 +710,26 @@ mod tests {
         v1.extend_from_slice(&crc.to_le_bytes());
         let got = decode_manifest(&v1).unwrap();
         assert_eq!(got, Manifest { volume: Some("vol".into()), ..m });
+    }
+
+    #[test]
+    fn snapshot_names_are_checked() {
+        assert!(check_snapshot_name("daily-2026.11.21_0").is_ok());
+        for bad in ["", "-x", ".x", "a b", "vol@s", "a/b", &"x".repeat(65)] {
+            assert!(check_snapshot_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn merge_marker_must_name_a_snapshot() {
+        let mut m = Manifest::new(1 << 20);
+        m.layers = vec![1, 2];
+        m.next_layer_id = 3;
+        m.snapshots = vec![SnapshotMeta { name: "a".into(), created_ms: 1, system: false }];
+        m.merging = Some(2); // the head is never merged
+        assert!(decode_manifest(&encode_manifest(&m)).is_err());
+        m.merging = Some(1);
+        assert_eq!(decode_manifest(&encode_manifest(&m)).unwrap(), m);
     }
 
     #[test]

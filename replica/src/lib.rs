@@ -8,9 +8,10 @@
 
 pub mod engine;
 pub mod format;
+pub mod index;
 pub mod intent;
 pub mod server;
 mod store;
 
 pub use engine::EngineKind;
-pub use store::{Identity, Store, StoreOptions};
+pub use store::{Identity, SnapshotInfo, Store, StoreOptions};

@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use bytes::Bytes;
 use jiva_core::range_lock::RangeLock;
@@ -32,7 +32,8 @@ use jiva_core::{
 
 use crate::engine::aligned::{AlignedBuf, aligned_bytes};
 use crate::engine::{Batch, Completion, Engine, EngineKind, Outcome, Request};
-use crate::format::{self, BlockRecord, Manifest, RECORD_SIZE};
+use crate::format::{self, BlockRecord, Manifest, RECORD_SIZE, SnapshotMeta};
+use crate::index::BlockIndex;
 use crate::intent::{self, Intent};
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -83,6 +84,28 @@ struct Layer {
     /// Whether `data` is O_DIRECT (buffers must then be aligned).
     direct: bool,
     records: Arc<File>,
+    /// Blocks with a record in this layer (an over-approximation while a
+    /// change is in flight: reads fall through on an empty record).
+    index: RwLock<BlockIndex>,
+}
+
+/// The layers, oldest first, the writable head last; never empty.
+type Chain = Arc<Vec<Arc<Layer>>>;
+
+/// A snapshot as listed by [`Store::snapshots`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// Layer id (store-local).
+    pub id: u64,
+    pub created_ms: u64,
+    pub system: bool,
+    /// The next older snapshot, if any.
+    pub parent: Option<String>,
+    /// Bytes of blocks held in this snapshot's own layer.
+    pub allocated_bytes: u64,
+    /// Being deleted (merged into its child).
+    pub merging: bool,
 }
 
 struct Inner {
@@ -92,8 +115,18 @@ struct Inner {
     engine: Engine,
     /// Over block numbers.
     lock: RangeLock,
-    /// Oldest first, the writable head last; never empty.
-    chain: Vec<Layer>,
+    /// Replaced (never changed in place) by snapshot create, revert and
+    /// the end of a merge, each under the whole-store range lock.
+    chain: RwLock<Chain>,
+    direct_io: bool,
+    /// Serializes changes of the chain (create, delete, revert).
+    structure: tokio::sync::Mutex<()>,
+    /// Woken when a merge ends.
+    merge_done: tokio::sync::Notify,
+    /// A merge task is running.
+    merging: std::sync::atomic::AtomicBool,
+    /// Why the last merge stopped, if it failed.
+    merge_error: Mutex<Option<Error>>,
     intent: Intent,
     intent_file: Arc<File>,
     /// Serializes bitmap updates (group commit).
@@ -120,7 +153,7 @@ impl fmt::Debug for Store {
             .field("dir", &self.inner.dir)
             .field("size", &self.inner.size)
             .field("engine", &self.inner.engine.kind())
-            .field("layers", &self.inner.chain.iter().map(|l| l.id).collect::<Vec<_>>())
+            .field("layers", &self.inner.chain().iter().map(|l| l.id).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -166,7 +199,12 @@ impl Store {
             blocks,
             engine,
             lock: RangeLock::new(),
-            chain: opened.chain,
+            chain: RwLock::new(Arc::new(opened.chain.into_iter().map(Arc::new).collect())),
+            direct_io,
+            structure: tokio::sync::Mutex::new(()),
+            merge_done: tokio::sync::Notify::new(),
+            merging: std::sync::atomic::AtomicBool::new(false),
+            merge_error: Mutex::new(None),
             intent: Intent::new(blocks, region_blocks),
             intent_file: Arc::new(opened.intent_file),
             intent_commit: tokio::sync::Mutex::new(()),
@@ -199,7 +237,14 @@ impl Store {
             clean_open,
             "store opened"
         );
-        Ok(Store { inner: Arc::new(inner) })
+        let inner = Arc::new(inner);
+        let merging = inner.manifest().merging;
+        if let Some(id) = merging {
+            tracing::info!(dir = %inner.dir.display(), layer = id, "finishing an interrupted snapshot delete");
+            inner.merging.store(true, Ordering::SeqCst);
+            tokio::spawn(inner.clone().merge_task(id));
+        }
+        Ok(Store { inner })
     }
 
     pub fn identity(&self) -> Identity {
@@ -370,6 +415,117 @@ impl Store {
     }
 }
 
+/// Snapshots (see [`crate::format`] for the design).
+impl Store {
+    /// Freezes the head as snapshot `name` and starts a new empty head.
+    /// Waits for changes in flight and fences new ones meanwhile (the
+    /// whole-store range lock), so the snapshot is one point in the write
+    /// stream.
+    pub async fn create_snapshot(&self, name: &str, system: bool) -> Result<()> {
+        format::check_snapshot_name(name).map_err(|m| Error::new(ErrorKind::InvalidArgument, m))?;
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        detached(async move { inner.create_snapshot(name, system).await })
+            .await
+            .map_err(|e| e.with_op(Op::Snapshot))
+    }
+
+    /// The snapshots, oldest first.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let m = self.inner.manifest().clone();
+        let chain = self.inner.chain();
+        m.snapshots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SnapshotInfo {
+                name: s.name.clone(),
+                id: m.layers[i],
+                created_ms: s.created_ms,
+                system: s.system,
+                parent: i.checked_sub(1).map(|p| m.snapshots[p].name.clone()),
+                allocated_bytes: chain
+                    .iter()
+                    .find(|l| l.id == m.layers[i])
+                    .map_or(0, |l| l.index.read().unwrap_or_else(PoisonError::into_inner).len() * BS),
+                merging: m.merging == Some(m.layers[i]),
+            })
+            .collect()
+    }
+
+    /// Bytes of the head's own blocks.
+    pub fn head_allocated_bytes(&self) -> u64 {
+        self.inner.head().index.read().unwrap_or_else(PoisonError::into_inner).len() * BS
+    }
+
+    /// RAM used by the layer index, in bytes (all layers).
+    pub fn index_memory_bytes(&self) -> u64 {
+        self.inner
+            .chain()
+            .iter()
+            .map(|l| l.index.read().unwrap_or_else(PoisonError::into_inner).memory_bytes() as u64)
+            .sum()
+    }
+
+    /// Deletes snapshot `name`: records the merge into its child durably,
+    /// then merges in the background (see [`Store::wait_merge`]); the
+    /// snapshot is listed as merging until it is gone. One merge at a time.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<()> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        detached(async move { inner.delete_snapshot(name).await }).await.map_err(|e| e.with_op(Op::Snapshot))
+    }
+
+    /// Waits until no merge runs; the error of the last merge if it failed.
+    pub async fn wait_merge(&self) -> Result<()> {
+        loop {
+            let done = self.inner.merge_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if !self.inner.merging.load(Ordering::SeqCst) {
+                return match self.inner.merge_error.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
+            }
+            done.await;
+        }
+    }
+
+    /// Makes the head's contents those of snapshot `name` (newer snapshots
+    /// stay). Changes of volume generation `generation` (stamped first).
+    pub async fn revert_snapshot(&self, name: &str, generation: u64) -> Result<()> {
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        detached(async move { inner.revert(name, generation).await })
+            .await
+            .map_err(|e| e.with_op(Op::Snapshot))
+    }
+
+    /// Reads `len` bytes at `offset` of snapshot `name`.
+    pub async fn read_snapshot(&self, name: &str, offset: u64, len: usize) -> Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let (first, count) = block_span(offset, len as u64);
+        let _range = self.inner.lock.lock(first, first + count, false).await;
+        let layers = self.inner.view_of(name).map_err(|e| e.with_op(Op::Read))?;
+        let buf = self.inner.read_view(&layers, first, count).await.map_err(|e| e.with_op(Op::Read))?;
+        let skip = (offset - first * BS) as usize;
+        Ok(Bytes::from(buf).slice(skip..skip + len))
+    }
+
+    /// Allocation of `offset..offset+len` in snapshot `name`.
+    pub async fn snapshot_block_status(&self, name: &str, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let (first, count) = block_span(offset, len);
+        let _range = self.inner.lock.lock(first, first + count, false).await;
+        let layers = self.inner.view_of(name).map_err(|e| e.with_op(Op::BlockStatus))?;
+        self.inner.view_status(&layers, offset, len).await.map_err(|e| e.with_op(Op::BlockStatus))
+    }
+}
+
 impl BlockDevice for Store {
     fn size(&self) -> u64 {
         self.inner.size
@@ -422,8 +578,16 @@ enum Found {
 }
 
 impl Inner {
-    fn head(&self) -> &Layer {
-        self.chain.last().expect("the layer chain is never empty")
+    fn chain(&self) -> Chain {
+        self.chain.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn set_chain(&self, chain: Vec<Arc<Layer>>) {
+        *self.chain.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(chain);
+    }
+
+    fn head(&self) -> Arc<Layer> {
+        self.chain().last().cloned().expect("the layer chain is never empty")
     }
 
     fn manifest(&self) -> MutexGuard<'_, Manifest> {
@@ -433,18 +597,6 @@ impl Inner {
     /// Runs `batch`; the first failure becomes the error (at `offset`).
     async fn run(&self, batch: Batch, offset: u64) -> Result<Vec<AlignedBuf>> {
         collect(self.engine.run(batch).await, offset)
-    }
-
-    /// Data and records of `count` blocks from `first` in `layer`, in one batch.
-    async fn read_layer(&self, layer: &Layer, first: u64, count: u64) -> Result<(AlignedBuf, AlignedBuf)> {
-        let batch = vec![
-            Request::read(&layer.data, first * BS, (count * BS) as usize),
-            Request::read(&layer.records, first * REC, (count * REC) as usize),
-        ];
-        let mut out = self.run(batch, first * BS).await?.into_iter();
-        let data = out.next().unwrap_or_default();
-        let records = out.next().unwrap_or_default();
-        Ok((data, records))
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
@@ -458,39 +610,78 @@ impl Inner {
         Ok(Bytes::from(buf).slice(skip..skip + len))
     }
 
-    /// Verified contents of `count` blocks from `first`, walking the chain.
-    /// Callers hold the range lock.
+    /// Verified contents of `count` blocks from `first` as the head sees
+    /// them. Callers hold the range lock.
     async fn read_blocks(&self, first: u64, count: u64) -> Result<AlignedBuf> {
-        let (head, parents) = self.chain.split_last().expect("the layer chain is never empty");
-        let (mut out, records) = self.read_layer(head, first, count).await?;
-        let mut missing = Vec::new();
-        for i in 0..count {
-            let block = &mut out[blocks(i, 1)];
-            match check_block(first + i, block, &records[recs(i, 1)])? {
-                Found::Data => {}
-                Found::Zero => block.fill(0),
-                Found::Missing => missing.push(i),
-            }
-        }
-        for layer in parents.iter().rev() {
-            let (Some(&lo), Some(&hi)) = (missing.first(), missing.last()) else { break };
-            let (data, records) = self.read_layer(layer, first + lo, hi + 1 - lo).await?;
-            let mut still = Vec::new();
-            for &i in &missing {
-                let block = &data[blocks(i - lo, 1)];
-                match check_block(first + i, block, &records[recs(i - lo, 1)])? {
-                    Found::Data => out[blocks(i, 1)].copy_from_slice(block),
-                    Found::Zero => out[blocks(i, 1)].fill(0),
-                    Found::Missing => still.push(i),
+        self.read_view(&self.chain(), first, count).await
+    }
+
+    /// Verified contents of `count` blocks from `first` as the top of
+    /// `layers` sees them: each block is read from the topmost layer whose
+    /// index holds it (all layers in one engine batch); blocks no layer
+    /// holds read as zeros without I/O. Callers hold the range lock.
+    async fn read_view(&self, layers: &[Arc<Layer>], first: u64, count: u64) -> Result<AlignedBuf> {
+        let mut out: Option<AlignedBuf> = None;
+        // (block offset in the request, layers at or above this position are ruled out)
+        let mut todo: Vec<(u64, usize)> = (0..count).map(|i| (i, layers.len())).collect();
+        while !todo.is_empty() {
+            let owned = locate(layers, first, &todo);
+            todo.clear();
+            // Runs of consecutive blocks owned by one layer: (position, first offset, count).
+            let mut runs: Vec<(usize, u64, u64)> = Vec::new();
+            for &(i, pos) in &owned {
+                match runs.last_mut() {
+                    Some(r) if r.0 == pos && r.1 + r.2 == i => r.2 += 1,
+                    _ => runs.push((pos, i, 1)),
                 }
             }
-            missing = still;
+            if runs.is_empty() {
+                break;
+            }
+            let batch = runs
+                .iter()
+                .flat_map(|&(pos, i, n)| {
+                    let l = &layers[pos];
+                    [
+                        Request::read(&l.data, (first + i) * BS, (n * BS) as usize),
+                        Request::read(&l.records, (first + i) * REC, (n * REC) as usize),
+                    ]
+                })
+                .collect();
+            let mut bufs = self.run(batch, (first + runs[0].1) * BS).await?;
+            if out.is_none() && runs.len() == 1 && runs[0].2 == count {
+                // The common case: one layer has every block; keep its buffer.
+                let records = bufs.pop().unwrap_or_default();
+                let mut data = bufs.pop().unwrap_or_default();
+                for i in 0..count {
+                    match check_block(first + i, &data[blocks(i, 1)], &records[recs(i, 1)])? {
+                        Found::Data => {}
+                        Found::Zero => data[blocks(i, 1)].fill(0),
+                        Found::Missing => {
+                            data[blocks(i, 1)].fill(0);
+                            todo.push((i, runs[0].0));
+                        }
+                    }
+                }
+                out = Some(data);
+                continue;
+            }
+            let buf = out.get_or_insert_with(|| AlignedBuf::zeroed((count * BS) as usize));
+            for (&(pos, i0, n), pair) in runs.iter().zip(bufs.chunks(2)) {
+                for k in 0..n {
+                    let i = i0 + k;
+                    let block = &pair[0][blocks(k, 1)];
+                    match check_block(first + i, block, &pair[1][recs(k, 1)])? {
+                        Found::Data => buf[blocks(i, 1)].copy_from_slice(block),
+                        Found::Zero => buf[blocks(i, 1)].fill(0),
+                        // The index was ahead of the records (a change that
+                        // failed): look further down.
+                        Found::Missing => todo.push((i, pos)),
+                    }
+                }
+            }
         }
-        // Not allocated anywhere: zeros, whatever the head's data file holds.
-        for i in missing {
-            out[blocks(i, 1)].fill(0);
-        }
-        Ok(out)
+        Ok(out.unwrap_or_else(|| AlignedBuf::zeroed((count * BS) as usize)))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
@@ -543,6 +734,10 @@ impl Inner {
             format::encode_record(&BlockRecord::data(crc32c::crc32c(block)), rec);
         }
         let head = self.head();
+        head.index
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert_range(first, first + (buf.len() / BSZ) as u64);
         let write = if fua { Request::write_dsync } else { Request::write };
         let data = if head.direct { aligned_bytes(buf) } else { buf };
         let batch = vec![
@@ -588,35 +783,81 @@ impl Inner {
     }
 
     /// Releases blocks `a..b` of the head: punches the data and clears the
-    /// records (or, over parents, marks them zero so they do not show through).
+    /// records, except where a parent (snapshot) holds the block: there a
+    /// ZERO record keeps the parent's data from showing through. Snapshots
+    /// are never touched.
     async fn punch_blocks(&self, a: u64, b: u64) -> Result<()> {
-        let head = self.head();
+        let chain = self.chain();
+        let (head, parents) = chain.split_last().expect("the layer chain is never empty");
+        let mut shadowed = BlockIndex::new();
+        for p in parents {
+            for r in p.index.read().unwrap_or_else(PoisonError::into_inner).runs_in(a, b) {
+                shadowed.insert_range(r.start, r.end);
+            }
+        }
+        let shadowed = shadowed.runs_in(a, b);
+        let mut gaps = Vec::new();
+        let mut at = a;
+        for r in &shadowed {
+            if r.start > at {
+                gaps.push(at..r.start);
+            }
+            at = r.end;
+        }
+        if at < b {
+            gaps.push(at..b);
+        }
+        {
+            let mut index = head.index.write().unwrap_or_else(PoisonError::into_inner);
+            for r in &shadowed {
+                index.insert_range(r.start, r.end);
+            }
+        }
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let data_punch = Request::fallocate(&head.data, punch, a * BS, (b - a) * BS);
-        let over_parents = self.chain.len() > 1;
-        let record_bytes = (b - a) * REC;
-        let punch_records = !over_parents && record_bytes >= BS;
-        let mut batch = vec![data_punch];
-        if punch_records {
-            // The kernel zeroes the partial pages at the ends of the range.
-            batch.push(Request::fallocate(&head.records, punch, a * REC, record_bytes));
-        } else {
-            let rec = if over_parents { BlockRecord::zero() } else { BlockRecord::UNALLOCATED };
-            batch.extend(fill_records(&head.records, a, b, rec));
+        let mut batch = vec![Request::fallocate(&head.data, punch, a * BS, (b - a) * BS)];
+        for r in &shadowed {
+            batch.extend(fill_records(&head.records, r.start, r.end, BlockRecord::zero()));
         }
-        let mut out = self.engine.run(batch).await.into_iter();
-        // A file system without hole punching keeps the data; the cleared
-        // records hide it, so that is not an error.
-        match out.next() {
-            Some(Err(e)) if !unsupported(&e) => return Err(io_error(e, a * BS)),
-            _ => {}
+        // Which requests punch the records of a gap (the others fill them).
+        let mut punches = vec![None; batch.len()];
+        for (gi, g) in gaps.iter().enumerate() {
+            let record_bytes = (g.end - g.start) * REC;
+            if record_bytes >= BS {
+                // The kernel zeroes the partial pages at the ends of the range.
+                batch.push(Request::fallocate(&head.records, punch, g.start * REC, record_bytes));
+                punches.push(Some(gi));
+            } else {
+                let fill = fill_records(&head.records, g.start, g.end, BlockRecord::UNALLOCATED);
+                punches.extend(fill.iter().map(|_| None));
+                batch.extend(fill);
+            }
         }
-        let rest: Outcome = out.collect();
-        if punch_records && rest.iter().any(|r| r.as_ref().is_err_and(unsupported)) {
-            let batch = fill_records(&head.records, a, b, BlockRecord::UNALLOCATED);
-            return self.run(batch, a * BS).await.map(drop);
+        let mut retry = Vec::new();
+        for (i, (result, gap)) in self.engine.run(batch).await.into_iter().zip(punches).enumerate() {
+            match (result, gap) {
+                // A file system without hole punching keeps the data; the
+                // cleared records hide it, so that is not an error.
+                (Err(e), None) if i == 0 && unsupported(&e) => {}
+                (Err(e), Some(g)) if unsupported(&e) => {
+                    retry.extend(fill_records(
+                        &head.records,
+                        gaps[g].start,
+                        gaps[g].end,
+                        BlockRecord::UNALLOCATED,
+                    ));
+                }
+                (Err(e), _) => return Err(io_error(e, a * BS)),
+                (Ok(_), _) => {}
+            }
         }
-        collect(rest, a * BS).map(drop)
+        if !retry.is_empty() {
+            self.run(retry, a * BS).await?;
+        }
+        let mut index = head.index.write().unwrap_or_else(PoisonError::into_inner);
+        for g in &gaps {
+            index.remove_range(g.start, g.end);
+        }
+        Ok(())
     }
 
     /// Zeroes blocks `a..b` of the head keeping them allocated: ZERO_RANGE
@@ -624,6 +865,7 @@ impl Inner {
     /// are never read from the data) and ZERO records.
     async fn zero_blocks(&self, a: u64, b: u64) -> Result<()> {
         let head = self.head();
+        head.index.write().unwrap_or_else(PoisonError::into_inner).insert_range(a, b);
         let (offset, len) = (a * BS, (b - a) * BS);
         let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
         let mut batch = vec![Request::fallocate(&head.data, zero_range, offset, len)];
@@ -650,13 +892,20 @@ impl Inner {
         }
         let (first, count) = block_span(offset, len);
         let _range = self.lock.lock(first, first + count, false).await;
+        self.view_status(&self.chain(), offset, len).await
+    }
+
+    /// Extents of `offset..offset+len` in the view at the top of `layers`.
+    /// Callers hold the range lock.
+    async fn view_status(&self, layers: &[Arc<Layer>], offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let (first, count) = block_span(offset, len);
         let end = offset + len;
         let mut extents: Vec<Extent> = Vec::new();
         let mut pos = offset;
         let mut chunk = first;
         while chunk < first + count {
             let n = CHUNK_BLOCKS.min(first + count - chunk);
-            for (i, state) in self.block_states(chunk, n).await?.into_iter().enumerate() {
+            for (i, state) in self.view_states(layers, chunk, n).await?.into_iter().enumerate() {
                 let length = ((chunk + i as u64 + 1) * BS).min(end) - pos;
                 match extents.last_mut() {
                     Some(last) if last.state == state => last.length += length,
@@ -669,25 +918,32 @@ impl Inner {
         Ok(extents)
     }
 
-    /// Allocation state of `count` blocks from `first`, walking the chain.
-    async fn block_states(&self, first: u64, count: u64) -> Result<Vec<ExtentState>> {
+    /// Allocation state of `count` blocks from `first` in the view at the
+    /// top of `layers`: the index says which layer holds each block, that
+    /// layer's records say data or zero.
+    async fn view_states(&self, layers: &[Arc<Layer>], first: u64, count: u64) -> Result<Vec<ExtentState>> {
         let mut states = vec![ExtentState::Hole; count as usize];
-        let mut missing: Vec<u64> = (0..count).collect();
-        for layer in self.chain.iter().rev() {
-            let (Some(&lo), Some(&hi)) = (missing.first(), missing.last()) else { break };
-            let batch =
-                vec![Request::read(&layer.records, (first + lo) * REC, ((hi + 1 - lo) * REC) as usize)];
-            let records = self.run(batch, (first + lo) * BS).await?.pop().unwrap_or_default();
-            let mut still = Vec::new();
-            for &i in &missing {
-                match format::decode_record(&records[recs(i - lo, 1)]) {
-                    Ok(rec) if !rec.is_allocated() => still.push(i),
-                    Ok(rec) if rec.is_zero() => states[i as usize] = ExtentState::Zero,
-                    // Data, or a corrupt record (reading the block reports it).
-                    _ => states[i as usize] = ExtentState::Data,
-                }
+        let owned = locate_runs(layers, first, first + count);
+        if owned.is_empty() {
+            return Ok(states);
+        }
+        let batch = owned
+            .iter()
+            .map(|(pos, r)| {
+                Request::read(&layers[*pos].records, r.start * REC, ((r.end - r.start) * REC) as usize)
+            })
+            .collect();
+        let bufs = self.run(batch, first * BS).await?;
+        for ((_, r), records) in owned.iter().zip(bufs) {
+            for b in r.clone() {
+                let state = match format::decode_record(&records[recs(b - r.start, 1)]) {
+                    Ok(rec) if rec.is_allocated() && rec.is_zero() => ExtentState::Zero,
+                    // Data, a corrupt record (reading the block reports it), or
+                    // an index ahead of its records (data is the safe answer).
+                    _ => ExtentState::Data,
+                };
+                states[(b - first) as usize] = state;
             }
-            missing = still;
         }
         Ok(states)
     }
@@ -864,6 +1120,425 @@ impl Inner {
     }
 }
 
+/// Blocks per merge or revert step (taken under the range lock, with one
+/// fdatasync of the data before the records are written).
+const STEP_BLOCKS: u64 = 4096;
+
+impl Inner {
+    /// The layers up to and including snapshot `name`.
+    fn view_of(&self, name: &str) -> Result<Vec<Arc<Layer>>> {
+        let id = {
+            let m = self.manifest();
+            let i = m.snapshots.iter().position(|s| s.name == name).ok_or_else(|| no_snapshot(name))?;
+            m.layers[i]
+        };
+        let chain = self.chain();
+        let pos = chain.iter().position(|l| l.id == id).ok_or_else(|| no_snapshot(name))?;
+        Ok(chain[..=pos].to_vec())
+    }
+
+    /// A new, empty layer with the next id, durable (files and directory).
+    async fn new_layer(&self) -> Result<Arc<Layer>> {
+        let id = self.manifest().next_layer_id;
+        let (dir, size, direct) = (self.dir.clone(), self.size, self.direct_io);
+        let layer = blocking(move || {
+            let layer = open_layer(&dir, id, size, true, direct)?;
+            File::open(&dir)?.sync_all()?;
+            Ok(layer)
+        })
+        .await?;
+        Ok(Arc::new(layer))
+    }
+
+    async fn create_snapshot(&self, name: String, system: bool) -> Result<()> {
+        let _structure = self.structure.lock().await;
+        if self.manifest().snapshots.iter().any(|s| s.name == name) {
+            return Err(Error::new(ErrorKind::InvalidArgument, format!("snapshot {name:?} already exists")));
+        }
+        let _all = self.lock.lock(0, self.blocks, true).await;
+        // The frozen head must be durable before the manifest says it is a snapshot.
+        self.sync_head(0).await?;
+        let layer = self.new_layer().await?;
+        let created_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let id = layer.id;
+        let meta = SnapshotMeta { name: name.clone(), created_ms, system };
+        let result = self
+            .update_manifest(|m| {
+                m.snapshots.push(meta);
+                m.layers.push(id);
+                m.next_layer_id = id + 1;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = result {
+            let dir = self.dir.clone();
+            remove_layer_files(&dir, id);
+            return Err(e);
+        }
+        let mut chain = self.chain().to_vec();
+        chain.push(layer);
+        self.set_chain(chain);
+        tracing::info!(dir = %self.dir.display(), snapshot = %name, layer = id, "snapshot created");
+        Ok(())
+    }
+
+    async fn delete_snapshot(self: Arc<Self>, name: String) -> Result<()> {
+        let _structure = self.structure.lock().await;
+        let (id, merging) = {
+            let m = self.manifest();
+            let i = m.snapshots.iter().position(|s| s.name == name).ok_or_else(|| no_snapshot(&name))?;
+            (m.layers[i], m.merging)
+        };
+        match merging {
+            Some(other) if other != id || self.merging.load(Ordering::SeqCst) => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    "another snapshot is still being deleted (merged); try again when it is gone",
+                ));
+            }
+            // The same delete was interrupted and its merge stopped: go again.
+            Some(_) => {}
+            None => {
+                self.update_manifest(|m| {
+                    m.merging = Some(id);
+                    Ok(())
+                })
+                .await?;
+            }
+        }
+        *self.merge_error.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.merging.store(true, Ordering::SeqCst);
+        tokio::spawn(self.clone().merge_task(id));
+        Ok(())
+    }
+
+    async fn merge_task(self: Arc<Self>, id: u64) {
+        let result = self.merge_layer(id).await;
+        if let Err(e) = &result {
+            tracing::warn!(dir = %self.dir.display(), layer = id, "snapshot merge stopped: {e}");
+        }
+        *self.merge_error.lock().unwrap_or_else(PoisonError::into_inner) = result.err();
+        self.merging.store(false, Ordering::SeqCst);
+        self.merge_done.notify_waiters();
+    }
+
+    /// Merges snapshot layer `id` into its child, then drops it. Idempotent:
+    /// blocks the child already holds are skipped, so a restart redoes only
+    /// what is missing.
+    async fn merge_layer(&self, id: u64) -> Result<()> {
+        let chain = self.chain();
+        let pos =
+            chain.iter().position(|l| l.id == id).filter(|&p| p + 1 < chain.len()).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    format!("the merge marker names layer {id}, which is not a snapshot"),
+                )
+            })?;
+        let (src, dst) = (chain[pos].clone(), chain[pos + 1].clone());
+        let runs = src.index.read().unwrap_or_else(PoisonError::into_inner).runs_in(0, self.blocks);
+        let mut copied = 0;
+        let mut window = None;
+        for run in runs {
+            let mut b = run.start;
+            while b < run.end {
+                let w = b / STEP_BLOCKS;
+                if window != Some(w) {
+                    window = Some(w);
+                    let (a, e) = (w * STEP_BLOCKS, ((w + 1) * STEP_BLOCKS).min(self.blocks));
+                    copied += self.merge_step(&src, &dst, a, e).await?;
+                }
+                b = ((w + 1) * STEP_BLOCKS).min(run.end);
+            }
+        }
+        self.run(vec![Request::fdatasync(&dst.data), Request::fdatasync(&dst.records)], 0).await?;
+        let _structure = self.structure.lock().await;
+        let _all = self.lock.lock(0, self.blocks, true).await;
+        self.update_manifest(|m| {
+            if let Some(i) = m.layers.iter().position(|&l| l == id) {
+                m.layers.remove(i);
+                m.snapshots.remove(i);
+            }
+            m.merging = None;
+            Ok(())
+        })
+        .await?;
+        let chain: Vec<Arc<Layer>> = self.chain().iter().filter(|l| l.id != id).cloned().collect();
+        self.set_chain(chain);
+        let dir = self.dir.clone();
+        blocking(move || {
+            remove_layer_files(&dir, id);
+            Ok(())
+        })
+        .await?;
+        tracing::info!(dir = %self.dir.display(), layer = id, into = dst.id, copied_blocks = copied, "snapshot merged");
+        Ok(())
+    }
+
+    /// Copies the blocks of `a..b` that `src` holds and `dst` does not into
+    /// `dst`: data first, made durable, then the records (copied verbatim),
+    /// so a record never names data that is not on disk. Returns blocks copied.
+    async fn merge_step(&self, src: &Layer, dst: &Layer, a: u64, b: u64) -> Result<u64> {
+        let _range = self.lock.lock(a, b, true).await;
+        let need = {
+            let s = src.index.read().unwrap_or_else(PoisonError::into_inner);
+            let d = dst.index.read().unwrap_or_else(PoisonError::into_inner);
+            let mut need = BlockIndex::new();
+            for r in s.runs_in(a, b) {
+                need.insert_range(r.start, r.end);
+                for taken in d.runs_in(r.start, r.end) {
+                    need.remove_range(taken.start, taken.end);
+                }
+            }
+            need.runs_in(a, b)
+        };
+        if need.is_empty() {
+            return Ok(0);
+        }
+        let batch = need
+            .iter()
+            .flat_map(|r| {
+                let n = r.end - r.start;
+                [
+                    Request::read(&src.data, r.start * BS, (n * BS) as usize),
+                    Request::read(&src.records, r.start * REC, (n * REC) as usize),
+                ]
+            })
+            .collect();
+        let bufs = self.run(batch, a * BS).await?;
+        let mut data_writes = Vec::new();
+        let mut record_writes = Vec::new();
+        let mut copied = 0;
+        for (r, pair) in need.iter().zip(bufs.chunks(2)) {
+            let (data, records) = (&pair[0], &pair[1]);
+            // Runs of blocks to copy, split where a block is not allocated after all.
+            let mut run: Option<u64> = None;
+            let mut data_run: Option<u64> = None;
+            let n = r.end - r.start;
+            for i in 0..=n {
+                let found = if i < n {
+                    Some(check_block(r.start + i, &data[blocks(i, 1)], &records[recs(i, 1)])?)
+                } else {
+                    None
+                };
+                let copy = matches!(found, Some(Found::Data | Found::Zero));
+                let is_data = matches!(found, Some(Found::Data));
+                if let (false, Some(s)) = (is_data, data_run.take()) {
+                    let bytes = Bytes::copy_from_slice(&data[blocks(s, i - s)]);
+                    let bytes = if dst.direct { aligned_bytes(bytes) } else { bytes };
+                    data_writes.push(Request::write(&dst.data, (r.start + s) * BS, bytes));
+                }
+                if is_data && data_run.is_none() {
+                    data_run = Some(i);
+                }
+                if let (false, Some(s)) = (copy, run.take()) {
+                    let bytes = Bytes::copy_from_slice(&records[recs(s, i - s)]);
+                    record_writes.push((
+                        r.start + s,
+                        r.start + i,
+                        Request::write(&dst.records, (r.start + s) * REC, bytes),
+                    ));
+                    copied += i - s;
+                }
+                if copy && run.is_none() {
+                    run = Some(i);
+                }
+            }
+        }
+        if !data_writes.is_empty() {
+            data_writes.push(Request::fdatasync(&dst.data));
+            self.run(data_writes, a * BS).await?;
+        }
+        {
+            let mut index = dst.index.write().unwrap_or_else(PoisonError::into_inner);
+            for (s, e, _) in &record_writes {
+                index.insert_range(*s, *e);
+            }
+        }
+        self.run(record_writes.into_iter().map(|(_, _, w)| w).collect(), a * BS).await?;
+        Ok(copied)
+    }
+
+    async fn revert(&self, name: String, generation: u64) -> Result<()> {
+        let _structure = self.structure.lock().await;
+        if self.manifest().merging.is_some() {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                "a snapshot is still being deleted (merged); revert when it is gone",
+            ));
+        }
+        let _all = self.lock.lock(0, self.blocks, true).await;
+        let layers = self.view_of(&name)?;
+        let chain = self.chain();
+        let (old_head, newer) = chain[layers.len()..].split_last().expect("the head is above every snapshot");
+        // Blocks that newer snapshots hold must read as the snapshot in the
+        // new head; everything else shows through from them unchanged.
+        let mut restore = BlockIndex::new();
+        for l in newer {
+            for r in l.index.read().unwrap_or_else(PoisonError::into_inner).runs_in(0, self.blocks) {
+                restore.insert_range(r.start, r.end);
+            }
+        }
+        let mut changed = restore.clone();
+        for r in old_head.index.read().unwrap_or_else(PoisonError::into_inner).runs_in(0, self.blocks) {
+            changed.insert_range(r.start, r.end);
+        }
+        self.raise_stamps_for(&changed, generation).await?;
+        let layer = self.new_layer().await?;
+        let result = self.fill_layer(&layer, &layers, &restore).await;
+        if let Err(e) = result {
+            remove_layer_files(&self.dir, layer.id);
+            return Err(e);
+        }
+        let (id, old) = (layer.id, old_head.id);
+        self.update_manifest(|m| {
+            *m.layers.last_mut().expect("never empty") = id;
+            m.next_layer_id = id + 1;
+            Ok(())
+        })
+        .await?;
+        let mut next = chain[..chain.len() - 1].to_vec();
+        next.push(layer);
+        self.set_chain(next);
+        let dir = self.dir.clone();
+        blocking(move || {
+            remove_layer_files(&dir, old);
+            Ok(())
+        })
+        .await?;
+        tracing::info!(dir = %self.dir.display(), snapshot = %name, "reverted to snapshot");
+        Ok(())
+    }
+
+    /// Writes the blocks of `set` as the top of `view` sees them into
+    /// `layer` (all-zero blocks as ZERO records), durably.
+    async fn fill_layer(&self, layer: &Layer, view: &[Arc<Layer>], set: &BlockIndex) -> Result<()> {
+        for run in set.runs_in(0, self.blocks) {
+            let mut a = run.start;
+            while a < run.end {
+                let b = (a + STEP_BLOCKS).min(run.end);
+                let data = self.read_view(view, a, b - a).await?;
+                let mut records = vec![0u8; ((b - a) * REC) as usize];
+                for i in 0..b - a {
+                    let block = &data[blocks(i, 1)];
+                    let rec = if block.iter().all(|&x| x == 0) {
+                        BlockRecord::zero()
+                    } else {
+                        BlockRecord::data(crc32c::crc32c(block))
+                    };
+                    format::encode_record(&rec, &mut records[recs(i, 1)]);
+                }
+                let bytes = Bytes::from(data);
+                let bytes = if layer.direct { aligned_bytes(bytes) } else { bytes };
+                layer.index.write().unwrap_or_else(PoisonError::into_inner).insert_range(a, b);
+                self.run(
+                    vec![
+                        Request::write(&layer.data, a * BS, bytes),
+                        Request::write(&layer.records, a * REC, Bytes::from(records)),
+                    ],
+                    a * BS,
+                )
+                .await?;
+                a = b;
+            }
+        }
+        self.run(vec![Request::fdatasync(&layer.data), Request::fdatasync(&layer.records)], 0).await.map(drop)
+    }
+
+    /// Raises the stamps of every region holding a block of `set`.
+    async fn raise_stamps_for(&self, set: &BlockIndex, generation: u64) -> Result<()> {
+        if generation == 0 {
+            return Ok(());
+        }
+        let region_blocks = (u64::from(self.manifest().region_size) / BS).max(1);
+        let mut spans: Vec<std::ops::Range<u64>> = Vec::new();
+        for r in set.runs_in(0, self.blocks) {
+            let (ra, rb) = (r.start / region_blocks, (r.end - 1) / region_blocks + 1);
+            match spans.last_mut() {
+                Some(last) if last.end >= ra => last.end = last.end.max(rb),
+                _ => spans.push(ra..rb),
+            }
+        }
+        for s in spans {
+            let a = s.start * region_blocks;
+            let b = (s.end * region_blocks).min(self.blocks);
+            self.raise_stamps(a * BS, (b - a) * BS, generation).await?;
+        }
+        Ok(())
+    }
+}
+
+fn no_snapshot(name: &str) -> Error {
+    Error::new(ErrorKind::InvalidArgument, format!("no snapshot named {name:?}"))
+}
+
+/// Deletes layer `id`'s files (best effort: leftovers go at the next open).
+fn remove_layer_files(dir: &Path, id: u64) {
+    for name in [format::data_file_name(id), format::records_file_name(id)] {
+        if let Err(e) = std::fs::remove_file(dir.join(&name))
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove {}: {e}", dir.join(&name).display());
+        }
+    }
+}
+
+/// The topmost layer (position in `layers`, below each block's bound)
+/// whose index holds each block of `todo` (offsets from `first`); blocks
+/// no layer holds are left out. Sorted by offset.
+fn locate(layers: &[Arc<Layer>], first: u64, todo: &[(u64, usize)]) -> Vec<(u64, usize)> {
+    let mut out = Vec::with_capacity(todo.len());
+    let mut rest = todo.to_vec();
+    for pos in (0..layers.len()).rev() {
+        if rest.is_empty() {
+            break;
+        }
+        let index = layers[pos].index.read().unwrap_or_else(PoisonError::into_inner);
+        rest.retain(|&(i, bound)| {
+            if pos < bound && index.contains(first + i) {
+                out.push((i, pos));
+                false
+            } else {
+                true
+            }
+        });
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Runs of blocks of `a..b` with the topmost layer (position) holding
+/// them, by the index; blocks no layer holds are left out. Costs a few
+/// operations per run, not per block.
+fn locate_runs(layers: &[Arc<Layer>], a: u64, b: u64) -> Vec<(usize, std::ops::Range<u64>)> {
+    let mut owned = Vec::new();
+    let mut open = vec![a..b];
+    for pos in (0..layers.len()).rev() {
+        if open.is_empty() {
+            break;
+        }
+        let index = layers[pos].index.read().unwrap_or_else(PoisonError::into_inner);
+        let mut next = Vec::new();
+        for r in open {
+            let mut at = r.start;
+            for run in index.runs_in(r.start, r.end) {
+                if run.start > at {
+                    next.push(at..run.start);
+                }
+                at = run.end;
+                owned.push((pos, run));
+            }
+            if at < r.end {
+                next.push(at..r.end);
+            }
+        }
+        open = next;
+    }
+    owned.sort_unstable_by_key(|(_, r)| r.start);
+    owned
+}
+
 /// Checks one block of a layer against its record.
 fn check_block(block: u64, data: &[u8], record: &[u8]) -> Result<Found> {
     let rec = format::decode_record(record).map_err(|e| {
@@ -952,6 +1627,136 @@ fn open_direct(path: &Path) -> std::io::Result<File> {
     File::options().read(true).write(true).custom_flags(libc::O_DIRECT).open(path)
 }
 
+/// Opens (or with `create`, creates) the files of layer `id` (blocking);
+/// its index starts empty.
+fn open_layer(dir: &Path, id: u64, size: u64, create: bool, direct_io: bool) -> Result<Layer> {
+    let ctx = |what: &str, e: std::io::Error| {
+        let e = Error::from(e);
+        Error::new(e.kind(), format!("{what} in {}: {}", dir.display(), e.message()))
+    };
+    let open = |name: String, len: u64| -> Result<Arc<File>> {
+        let path = dir.join(&name);
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(create)
+            .open(&path)
+            .map_err(|e| ctx(&format!("cannot open {name}"), e))?;
+        if create {
+            file.set_len(len).map_err(|e| ctx(&format!("cannot size {name}"), e))?;
+            file.sync_all().map_err(|e| ctx(&format!("cannot sync {name}"), e))?;
+        } else {
+            let actual = file.metadata().map_err(|e| ctx(&format!("cannot stat {name}"), e))?.len();
+            if actual != len {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!("{} is {actual} bytes, expected {len}", path.display()),
+                ));
+            }
+        }
+        Ok(Arc::new(file))
+    };
+    let buffered = open(format::data_file_name(id), size)?;
+    let direct_file = if direct_io {
+        open_direct(&dir.join(format::data_file_name(id)))
+    } else {
+        Err(std::io::Error::other("not requested"))
+    };
+    let (data, direct) = match direct_file {
+        Ok(f) => (Arc::new(f), true),
+        Err(e) if !direct_io => {
+            tracing::trace!("buffered data files ({e})");
+            (buffered, false)
+        }
+        Err(e) => {
+            tracing::info!("O_DIRECT unavailable in {} ({e}); using the page cache", dir.display());
+            (buffered, false)
+        }
+    };
+    let records = open(format::records_file_name(id), size / BS * REC)?;
+    Ok(Layer { id, data, direct, records, index: RwLock::new(BlockIndex::new()) })
+}
+
+/// Builds a layer's index from its records file, reading only the parts
+/// that hold data (SEEK_DATA / SEEK_HOLE), so a sparse layer costs a few
+/// syscalls. Any non-zero record counts (a corrupt one is reported when
+/// its block is read).
+fn build_index(records: &File, blocks: u64) -> std::io::Result<BlockIndex> {
+    use std::os::unix::fs::FileExt;
+    let len = blocks * REC;
+    let fd = records.as_raw_fd();
+    let mut index = BlockIndex::new();
+    let mut buf = vec![0u8; (CHUNK_BLOCKS * REC) as usize];
+    let mut at = 0u64;
+    while at < len {
+        // SAFETY: lseek only takes the descriptor, valid while `records` lives.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `at`
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Whole records only: a data extent may start or end inside one.
+        let (start, end) = ((data as u64) / REC * REC, (hole as u64).min(len).div_ceil(REC) * REC);
+        let mut pos = start;
+        while pos < end {
+            let n = ((end - pos) as usize).min(buf.len());
+            records.read_exact_at(&mut buf[..n], pos)?;
+            let mut run: Option<u64> = None;
+            for (k, rec) in buf[..n].chunks_exact(RECZ).enumerate() {
+                let block = pos / REC + k as u64;
+                let set = rec.iter().any(|&x| x != 0);
+                match (set, run) {
+                    (true, None) => run = Some(block),
+                    (false, Some(r)) => {
+                        index.insert_range(r, block);
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(r) = run {
+                index.insert_range(r, (pos + n as u64) / REC);
+            }
+            pos += n as u64;
+        }
+        at = end.max(at + 1);
+    }
+    index.optimize();
+    Ok(index)
+}
+
+/// Deletes layer files that the manifest does not name: leftovers of a
+/// snapshot create, revert or merge that a crash interrupted before (or
+/// after) its manifest rewrite. Failures are only logged.
+fn remove_orphans(dir: &Path, layers: &[u64]) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let id = name
+            .strip_prefix("layer-")
+            .and_then(|rest| rest.strip_suffix(".data").or_else(|| rest.strip_suffix(".records")))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(id) = id
+            && !layers.contains(&id)
+        {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!("removed leftover layer file {}", entry.path().display()),
+                Err(e) => tracing::warn!("cannot remove leftover layer file {}: {e}", entry.path().display()),
+            }
+        }
+    }
+}
+
 /// Locks, reads or creates the store in `dir` (blocking).
 fn open_dir(dir: &Path, size: u64, direct_io: bool) -> Result<Opened> {
     let ctx = |what: &str, e: std::io::Error| {
@@ -1000,52 +1805,19 @@ fn open_dir(dir: &Path, size: u64, direct_io: bool) -> Result<Opened> {
     let blocks = size / BS;
     let created = manifest.is_none();
     let manifest = manifest.unwrap_or_else(|| Manifest::new(size));
-    let head = manifest.head();
     let mut chain = Vec::new();
     for &id in &manifest.layers {
-        let writable = id == head;
-        let open = |name: String, len: u64| -> Result<Arc<File>> {
-            let path = dir.join(&name);
-            let file = File::options()
-                .read(true)
-                .write(writable)
-                .create(created)
-                .truncate(created)
-                .open(&path)
-                .map_err(|e| ctx(&format!("cannot open {name}"), e))?;
-            if created {
-                file.set_len(len).map_err(|e| ctx(&format!("cannot size {name}"), e))?;
-                file.sync_all().map_err(|e| ctx(&format!("cannot sync {name}"), e))?;
-            } else {
-                let actual = file.metadata().map_err(|e| ctx(&format!("cannot stat {name}"), e))?.len();
-                if actual != len {
-                    return Err(Error::new(
-                        ErrorKind::Corrupt,
-                        format!("{} is {actual} bytes, expected {len}", path.display()),
-                    ));
-                }
-            }
-            Ok(Arc::new(file))
-        };
-        let buffered = open(format::data_file_name(id), size)?;
-        let direct_file = if direct_io {
-            open_direct(&dir.join(format::data_file_name(id)))
-        } else {
-            Err(std::io::Error::other("not requested"))
-        };
-        let (data, direct) = match direct_file {
-            Ok(f) => (Arc::new(f), true),
-            Err(e) if !direct_io => {
-                tracing::trace!("buffered data files ({e})");
-                (buffered, false)
-            }
-            Err(e) => {
-                tracing::info!("O_DIRECT unavailable in {} ({e}); using the page cache", dir.display());
-                (buffered, false)
-            }
-        };
-        let records = open(format::records_file_name(id), blocks * REC)?;
-        chain.push(Layer { id, data, direct, records });
+        let mut layer = open_layer(dir, id, size, created, direct_io)?;
+        if !created {
+            let records = layer.records.clone();
+            let index =
+                build_index(&records, blocks).map_err(|e| ctx(&format!("cannot index layer {id}"), e))?;
+            layer.index = RwLock::new(index);
+        }
+        chain.push(layer);
+    }
+    if !created {
+        remove_orphans(dir, &manifest.layers);
     }
     let regions = blocks.div_ceil(u64::from(manifest.region_size) / BS);
     let intent_len = format::intent_len(regions);
