@@ -1324,7 +1324,8 @@ impl Inner {
                 };
                 let copy = matches!(found, Some(Found::Data | Found::Zero));
                 let is_data = matches!(found, Some(Found::Data));
-                if let (false, Some(s)) = (is_data, data_run.take()) {
+                if let Some(s) = data_run.filter(|_| !is_data) {
+                    data_run = None;
                     let bytes = Bytes::copy_from_slice(&data[blocks(s, i - s)]);
                     let bytes = if dst.direct { aligned_bytes(bytes) } else { bytes };
                     data_writes.push(Request::write(&dst.data, (r.start + s) * BS, bytes));
@@ -1332,7 +1333,8 @@ impl Inner {
                 if is_data && data_run.is_none() {
                     data_run = Some(i);
                 }
-                if let (false, Some(s)) = (copy, run.take()) {
+                if let Some(s) = run.filter(|_| !copy) {
+                    run = None;
                     let bytes = Bytes::copy_from_slice(&records[recs(s, i - s)]);
                     record_writes.push((
                         r.start + s,
