@@ -1,7 +1,8 @@
 //! The control commands that talk to a running controller's API:
-//! `jiva volume status`, `jiva replica ls|add|rm`. Human-readable tables by
-//! default, the API's JSON with `--json`; `replica add --wait` shows a
-//! rebuild progress bar (rate, ETA) when stdout is a terminal.
+//! `jiva volume status|clone`, `jiva replica ls|add|rm`, `jiva snapshot
+//! create|ls|rm|revert`. Human-readable tables by default, the API's JSON
+//! with `--json`; `replica add --wait` and `volume clone` show progress
+//! (a bar when stdout is a terminal).
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -27,6 +28,57 @@ pub struct ApiArgs {
 pub enum VolumeCommand {
     /// Volume state, generation and replicas.
     Status(ApiArgs),
+    /// Make a new volume whose contents are SNAPSHOT (serve it with
+    /// `jiva up --dir DIR --name NEW --replicas N`).
+    Clone(CloneArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CloneArgs {
+    /// The snapshot to clone.
+    snapshot: String,
+    /// Name of the new volume.
+    #[arg(long)]
+    name: String,
+    /// Directory of the new volume [default: ./NAME], on the controller's host.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    /// Replica stores to create in it.
+    #[arg(long, default_value_t = 3)]
+    replicas: u32,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Snapshot the volume (crash-consistent across replicas); reports the I/O pause.
+    Create(SnapshotArgs),
+    /// List snapshots: name, created, parent, size of data unique to it, kind.
+    Ls(ApiArgs),
+    /// Delete a snapshot; its data merges into its child and the space is reclaimed.
+    Rm(SnapshotArgs),
+    /// Make the volume's contents the snapshot's (clients detached or I/O paused).
+    Revert(RevertArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SnapshotArgs {
+    /// Snapshot name (letters, digits, '.', '_', '-').
+    name: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RevertArgs {
+    /// Snapshot to revert to.
+    name: String,
+    /// Pause the volume's I/O for the revert (clients must drop their caches after it).
+    #[arg(long)]
+    pause: bool,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -132,7 +184,10 @@ fn print_replicas(replicas: &Value) {
 }
 
 pub async fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
-    let VolumeCommand::Status(a) = cmd;
+    let a = match cmd {
+        VolumeCommand::Status(a) => a,
+        VolumeCommand::Clone(c) => return clone(c).await,
+    };
     let v = get_ok(&a.api, "/v1/volume").await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -231,5 +286,179 @@ mod tests {
     #[test]
     fn dechunks() {
         assert_eq!(super::dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
+    }
+}
+
+/// Sends a request; the body on a 2xx status, else the API's error.
+async fn call(
+    api: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    what: &str,
+) -> anyhow::Result<Value> {
+    let (status, v) = http(api, method, path, body).await?;
+    if !(200..300).contains(&status) {
+        bail!("{what}: {}", v["error"].as_str().unwrap_or("unknown error"));
+    }
+    Ok(v)
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `created_ms` as UTC `YYYY-MM-DD HH:MM:SS`.
+fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+pub async fn snapshot(cmd: SnapshotCommand) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCommand::Create(a) => {
+            let body = serde_json::json!({ "name": a.name });
+            let v = call(
+                &a.api.api,
+                "POST",
+                "/v1/snapshots",
+                Some(&body),
+                &format!("cannot create snapshot {}", a.name),
+            )
+            .await?;
+            if a.api.json {
+                return print_json(&v);
+            }
+            println!(
+                "created snapshot {} on {} replica(s); writes paused {:.1} ms (waited {:.1} ms for writes in flight)",
+                a.name,
+                v["replicas"].as_array().map_or(0, Vec::len),
+                v["pause_ms"].as_f64().unwrap_or(0.0),
+                v["fence_wait_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        SnapshotCommand::Ls(a) => {
+            let v = call(&a.api, "GET", "/v1/snapshots", None, "cannot list snapshots").await?;
+            if a.json {
+                return print_json(&v);
+            }
+            println!("{:<24} {:<19} {:<24} {:>10}  {:<6}", "NAME", "CREATED (UTC)", "PARENT", "SIZE", "KIND");
+            for s in v.as_array().into_iter().flatten() {
+                let kind = s["kind"].as_str().unwrap_or("");
+                println!(
+                    "{:<24} {:<19} {:<24} {:>10}  {}{}",
+                    s["name"].as_str().unwrap_or(""),
+                    format_time(s["created_ms"].as_u64().unwrap_or(0)),
+                    s["parent"].as_str().unwrap_or("-"),
+                    ByteSize(s["size_bytes"].as_u64().unwrap_or(0)).to_string(),
+                    kind,
+                    if s["merging"].as_bool().unwrap_or(false) { " (deleting)" } else { "" }
+                );
+            }
+        }
+        SnapshotCommand::Rm(a) => {
+            let path = format!("/v1/snapshots/{}", a.name);
+            let v = call(&a.api.api, "DELETE", &path, None, &format!("cannot delete snapshot {}", a.name))
+                .await?;
+            if a.api.json {
+                return print_json(&v);
+            }
+            println!("deleting snapshot {} (its data merges into its child in the background)", a.name);
+        }
+        SnapshotCommand::Revert(a) => {
+            let api = &a.api.api;
+            if a.pause {
+                call(api, "POST", "/v1/volume/pause", None, "cannot pause the volume").await?;
+            }
+            let path = format!("/v1/snapshots/{}/revert", a.name);
+            let result = call(api, "POST", &path, None, &format!("cannot revert to {}", a.name)).await;
+            if a.pause {
+                call(api, "POST", "/v1/volume/resume", None, "cannot resume the volume").await?;
+            }
+            let v = result?;
+            if a.api.json {
+                return print_json(&v);
+            }
+            println!("volume reverted to snapshot {}", a.name);
+        }
+    }
+    Ok(())
+}
+
+async fn clone(a: CloneArgs) -> anyhow::Result<()> {
+    let dir = match a.dir {
+        Some(d) => d,
+        None => std::env::current_dir()?.join(&a.name),
+    };
+    let dir = if dir.is_absolute() { dir } else { std::env::current_dir()?.join(dir) };
+    let body = serde_json::json!({ "name": a.name, "dir": dir, "replicas": a.replicas });
+    let path = format!("/v1/snapshots/{}/clone", a.snapshot);
+    call(&a.api.api, "POST", &path, Some(&body), &format!("cannot clone {}", a.snapshot)).await?;
+    let bar = (!a.api.json && std::io::stdout().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "clone {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut last_report = std::time::Instant::now();
+    loop {
+        let jobs = get_ok(&a.api.api, "/v1/clones").await?;
+        let job = jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .rev()
+            .find(|j| j["name"] == a.name.as_str() && j["dir"] == dir.display().to_string())
+            .cloned()
+            .context("the clone job disappeared")?;
+        let (done, total) =
+            (job["done_bytes"].as_u64().unwrap_or(0), job["total_bytes"].as_u64().unwrap_or(0));
+        match job["state"].as_str() {
+            Some("done") => {
+                if let Some(bar) = &bar {
+                    bar.finish();
+                }
+                if a.api.json {
+                    return print_json(&job);
+                }
+                println!(
+                    "cloned {} into volume {} at {} ({} of data); serve it with: jiva up --dir {} --name {} --replicas {}",
+                    a.snapshot,
+                    a.name,
+                    dir.display(),
+                    ByteSize(job["copied_bytes"].as_u64().unwrap_or(0)),
+                    dir.display(),
+                    a.name,
+                    a.replicas
+                );
+                return Ok(());
+            }
+            Some("failed") => bail!("clone failed: {}", job["error"].as_str().unwrap_or("unknown error")),
+            _ => {}
+        }
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        } else if !a.api.json && last_report.elapsed() >= Duration::from_secs(2) {
+            println!("cloning: {} of {}", ByteSize(done), ByteSize(total));
+            last_report = std::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }

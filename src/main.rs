@@ -2,11 +2,12 @@
 //! copy of a volume from a directory, `jiva controller` replicates a volume
 //! over replicas and presents it through NBD, and `jiva up` starts a
 //! complete local volume (N replicas and a controller) in one command.
-//! `jiva volume status` and `jiva replica ls|add|rm` drive a running
-//! controller through its HTTP API.
+//! `jiva volume status|clone`, `jiva replica ls|add|rm` and `jiva snapshot
+//! create|ls|rm|revert` drive a running controller through its HTTP API.
 
 mod api;
 mod cli;
+mod clone;
 mod controller;
 mod replica;
 mod signals;
@@ -33,9 +34,12 @@ enum Command {
     /// --listen .. --dir .. --size ..` or `jiva replica serve ..`), or list,
     /// add and remove a running volume's replicas.
     Replica(ReplicaCommand),
-    /// Status of a running volume.
+    /// Status of a running volume; clone a snapshot into a new volume.
     #[command(subcommand)]
     Volume(cli::VolumeCommand),
+    /// Create, list, delete and revert to snapshots of a running volume.
+    #[command(subcommand)]
+    Snapshot(cli::SnapshotCommand),
     /// Replicate a volume over replicas and serve it over NBD.
     Controller(controller::Args),
     /// Start a local volume: N replica processes and a controller.
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
                 ReplicaAction::Rm(args) => cli::rm(args).await,
             },
             Command::Volume(cmd) => cli::volume(cmd).await,
+            Command::Snapshot(cmd) => cli::snapshot(cmd).await,
             Command::Controller(args) => controller::run(args).await,
             Command::Up(args) => up::run(args).await,
         }

@@ -23,6 +23,7 @@ use crate::error::{Error, ErrorKind, Op, Result};
 use crate::replica::{Connector, Replica};
 use crate::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
+    SnapTarget, SnapshotEntry,
 };
 
 /// Connection settings for a [`RemoteReplica`].
@@ -207,7 +208,12 @@ impl RemoteReplica {
         self.send(req).await
     }
 
-    async fn send(&self, mut req: Request) -> Result<Bytes> {
+    async fn send(&self, req: Request) -> Result<Bytes> {
+        self.send_within(req, self.opts.request_timeout).await
+    }
+
+    /// Like `send`, with its own bound on the answer (for slow requests).
+    async fn send_within(&self, mut req: Request, timeout: Duration) -> Result<Bytes> {
         let (opcode, offset) = (req.opcode, req.offset);
         let op = match opcode {
             Opcode::Read | Opcode::GetStamps => Op::Read,
@@ -217,6 +223,9 @@ impl RemoteReplica {
             Opcode::WriteZeroes => Op::WriteZeroes,
             Opcode::BlockStatus => Op::BlockStatus,
             Opcode::GetMeta | Opcode::SetMembership | Opcode::SetRebuild => Op::Handshake,
+            Opcode::SnapCreate | Opcode::SnapDelete | Opcode::SnapRevert | Opcode::SnapList => Op::Snapshot,
+            Opcode::SnapRead => Op::Read,
+            Opcode::SnapStatus => Op::BlockStatus,
         };
         let conn = &*self.conn;
         let tag = conn.next_tag.fetch_add(1, Ordering::Relaxed);
@@ -236,12 +245,12 @@ impl RemoteReplica {
             conn.shut();
             return Err(self.disconnected(op));
         }
-        match tokio::time::timeout(self.opts.request_timeout, done_rx).await {
+        match tokio::time::timeout(timeout, done_rx).await {
             Ok(Ok(resp)) => resp.into_result().map_err(|e| e.with_op(op).at(offset)),
             Ok(Err(_)) => Err(self.disconnected(op)),
             Err(_) => Err(Error::new(
                 ErrorKind::TimedOut,
-                format!("replica {} did not answer within {:?}", self.addr, self.opts.request_timeout),
+                format!("replica {} did not answer within {timeout:?}", self.addr),
             )
             .with_op(op)
             .at(offset)),
@@ -443,7 +452,47 @@ impl Replica for RemoteReplica {
     fn is_connected(&self) -> bool {
         RemoteReplica::is_connected(self)
     }
+
+    async fn create_snapshot(&self, name: &str, system: bool) -> Result<()> {
+        let flags = if system { wire::FLAG_SYSTEM } else { 0 };
+        let data = Bytes::copy_from_slice(name.as_bytes());
+        self.send(Request { flags, data, ..Request::simple(Opcode::SnapCreate, 0, 0, 0) }).await.map(drop)
+    }
+
+    async fn delete_snapshot(&self, name: &str) -> Result<()> {
+        self.call(Opcode::SnapDelete, 0, 0, 0, Bytes::copy_from_slice(name.as_bytes())).await.map(drop)
+    }
+
+    async fn revert_snapshot(&self, name: &str, generation: u64) -> Result<()> {
+        let data = Bytes::copy_from_slice(name.as_bytes());
+        let req = Request { generation, data, ..Request::simple(Opcode::SnapRevert, 0, 0, 0) };
+        // A revert copies what newer snapshots changed: allow it time.
+        self.send_within(req, self.opts.request_timeout.max(SLOW_REQUEST_TIMEOUT)).await.map(drop)
+    }
+
+    async fn snapshots(&self) -> Result<Vec<SnapshotEntry>> {
+        let payload = self.call(Opcode::SnapList, 0, 0, 0, Bytes::new()).await?;
+        Ok(wire::decode_snapshots(&payload)?)
+    }
+
+    async fn read_snapshot(&self, name: &str, offset: u64, len: usize) -> Result<Bytes> {
+        let target = wire::encode_snap_target(&SnapTarget { length: len as u64, name: name.to_owned() });
+        let data = self.call(Opcode::SnapRead, 0, offset, 0, target).await?;
+        if data.len() != len {
+            return Err(Error::new(ErrorKind::Protocol, "short snapshot read").with_op(Op::Read).at(offset));
+        }
+        Ok(data)
+    }
+
+    async fn snapshot_block_status(&self, name: &str, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let target = wire::encode_snap_target(&SnapTarget { length: len, name: name.to_owned() });
+        let payload = self.call(Opcode::SnapStatus, 0, offset, 0, target).await?;
+        Ok(wire::decode_extents(&payload)?)
+    }
 }
+
+/// Bound on requests that may legitimately take long (snapshot revert).
+const SLOW_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Attaches [`RemoteReplica`]s of one volume by address.
 #[derive(Clone, Debug)]

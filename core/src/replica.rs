@@ -14,7 +14,7 @@ use bytes::Bytes;
 use crate::device::{BlockDevice, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::mem::MemDevice;
-use crate::wire::{Membership, RebuildMark, ReplicaMeta};
+use crate::wire::{Membership, RebuildMark, ReplicaMeta, SnapshotEntry};
 
 /// A replica as the volume drives it. `generation` on a change is the
 /// volume generation it belongs to: the replica raises the stamp of every
@@ -55,6 +55,51 @@ pub trait Replica: BlockDevice {
     fn is_connected(&self) -> bool {
         true
     }
+    /// Freezes the head as snapshot `name` (a replica without snapshots
+    /// says Unsupported; so do the other snapshot calls).
+    fn create_snapshot(&self, name: &str, system: bool) -> impl Future<Output = Result<()>> + Send {
+        let _ = (name, system);
+        async { Err(no_snapshots()) }
+    }
+    /// Starts deleting snapshot `name` (it merges into its child).
+    fn delete_snapshot(&self, name: &str) -> impl Future<Output = Result<()>> + Send {
+        let _ = name;
+        async { Err(no_snapshots()) }
+    }
+    /// Makes the head's contents snapshot `name`'s; a change of volume
+    /// generation `generation`.
+    fn revert_snapshot(&self, name: &str, generation: u64) -> impl Future<Output = Result<()>> + Send {
+        let _ = (name, generation);
+        async { Err(no_snapshots()) }
+    }
+    /// The snapshots, oldest first.
+    fn snapshots(&self) -> impl Future<Output = Result<Vec<SnapshotEntry>>> + Send {
+        async { Err(no_snapshots()) }
+    }
+    /// Reads `len` bytes at `offset` of snapshot `name`.
+    fn read_snapshot(
+        &self,
+        name: &str,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Bytes>> + Send {
+        let _ = (name, offset, len);
+        async { Err(no_snapshots()) }
+    }
+    /// Allocation of `offset..offset+len` in snapshot `name`.
+    fn snapshot_block_status(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<Extent>>> + Send {
+        let _ = (name, offset, len);
+        async { Err(no_snapshots()) }
+    }
+}
+
+fn no_snapshots() -> Error {
+    Error::new(ErrorKind::Unsupported, "this replica keeps no snapshots").with_op(Op::Snapshot)
 }
 
 /// Opens links to replicas by address.

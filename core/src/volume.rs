@@ -37,7 +37,7 @@ use crate::device::{BLOCK_SIZE, BlockDevice, Capabilities, Extent, ExtentState, 
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::range_lock::RangeLock;
 use crate::replica::{Connector, Replica};
-use crate::wire::{Membership, RebuildMark, ReplicaMeta};
+use crate::wire::{Membership, RebuildMark, ReplicaMeta, SnapshotEntry};
 
 const BS: u64 = BLOCK_SIZE as u64;
 
@@ -278,6 +278,9 @@ pub struct Volume<C: Connector> {
     health: Notify,
     wrote: AtomicBool,
     stopping: AtomicBool,
+    /// New I/O waits while set (snapshot revert).
+    paused: AtomicBool,
+    resumed: Notify,
 }
 
 impl<C: Connector> std::fmt::Debug for Volume<C> {
@@ -361,6 +364,8 @@ impl<C: Connector> Volume<C> {
             health: Notify::new(),
             wrote: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            resumed: Notify::new(),
         });
         let attached = join_all(addrs.iter().map(|a| vol.connector.attach(a, epoch))).await;
         let mut found = Vec::new();
@@ -741,6 +746,7 @@ impl<C: Connector> Volume<C> {
         F: Fn(Arc<C::Link>, u64) -> Fut,
         Fut: Future<Output = Result<()>>,
     {
+        self.wait_unpaused().await;
         self.wait_quorum(op).await?;
         let _range = if len > 0 {
             let (first, count) = block_span(offset, len);
@@ -1222,6 +1228,254 @@ impl<C: Connector> Volume<C> {
     }
 }
 
+/// What a volume-wide snapshot create did.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotCreated {
+    pub name: String,
+    /// How long new writes waited for the fence (in-flight writes finishing).
+    pub fence_wait_ms: f64,
+    /// How long writes were fenced while every replica cut the snapshot.
+    pub pause_ms: f64,
+    /// Replicas that hold the snapshot.
+    pub replicas: Vec<String>,
+}
+
+/// A snapshot of the volume, for listings.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotStatus {
+    pub name: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    pub parent: Option<String>,
+    /// Bytes of data written while it was the head (unique to it).
+    pub size_bytes: u64,
+    /// `user` or `system`.
+    pub kind: &'static str,
+    /// Being deleted (its data merging into its child).
+    pub merging: bool,
+}
+
+/// Snapshots and pausing.
+impl<C: Connector> Volume<C> {
+    async fn wait_unpaused(&self) {
+        while self.paused.load(Ordering::SeqCst) {
+            let resumed = self.resumed.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            if !self.paused.load(Ordering::SeqCst) {
+                return;
+            }
+            resumed.await;
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Stops new I/O (it waits) and waits for I/O in flight to finish.
+    pub async fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        drop(self.writes.lock(0, self.size, true).await);
+        while self.members_snapshot().iter().any(|m| m.in_flight.load(Ordering::Relaxed) > 0) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Lets I/O go on after [`Volume::pause`].
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.resumed.notify_waiters();
+    }
+
+    /// Serving members (healthy and rebuilding) with their links.
+    fn participants(&self) -> Vec<Pick<C::Link>> {
+        self.members_snapshot()
+            .into_iter()
+            .filter(|m| matches!(m.state(), ReplicaState::Healthy | ReplicaState::Rebuilding))
+            .filter_map(|m| m.link().map(|l| (m, l)))
+            .collect()
+    }
+
+    /// Takes a crash-consistent snapshot: writes are fenced (the
+    /// whole-volume write range lock waits for those in flight and holds
+    /// new ones), every replica cuts its snapshot at that same point, then
+    /// writes go on. Reads continue throughout. Refused while a replica
+    /// rebuilds (its copy is not complete yet).
+    pub async fn snapshot_create(&self, name: &str) -> Result<SnapshotCreated> {
+        self.wait_quorum(Op::Snapshot).await?;
+        if self.members_snapshot().iter().any(|m| m.state() == ReplicaState::Rebuilding) {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                "a replica is rebuilding; take the snapshot once it is healthy",
+            )
+            .with_op(Op::Snapshot));
+        }
+        let asked = Instant::now();
+        let _fence = self.writes.lock(0, self.size, true).await;
+        let fenced = Instant::now();
+        let targets: Vec<_> = self.participants().into_iter().filter(|(m, _)| m.is_healthy()).collect();
+        let results = join_all(targets.iter().map(|(_, l)| l.create_snapshot(name, false))).await;
+        let pause = fenced.elapsed();
+        drop(_fence);
+        let mut done = Vec::new();
+        let mut first_err = None;
+        for ((m, _), r) in targets.iter().zip(results) {
+            match r {
+                Ok(()) => done.push(m.addr.clone()),
+                Err(e) if is_request_error(e.kind()) => first_err = Some(e),
+                Err(e) => {
+                    // A replica without the snapshot must not stay a member.
+                    tracing::warn!(replica = %m.addr, "snapshot failed: {e}");
+                    self.fail(m, &e).await;
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if done.is_empty() {
+            return Err(first_err.unwrap_or_else(|| self.unavailable(Op::Snapshot)).with_op(Op::Snapshot));
+        }
+        if let Some(e) = first_err.filter(|e| is_request_error(e.kind())) {
+            return Err(e.with_op(Op::Snapshot));
+        }
+        let (fence_wait_ms, pause_ms) =
+            ((fenced - asked).as_secs_f64() * 1000.0, pause.as_secs_f64() * 1000.0);
+        tracing::info!(volume = %self.name, snapshot = name, pause_ms, fence_wait_ms, "snapshot created");
+        Ok(SnapshotCreated { name: name.to_owned(), fence_wait_ms, pause_ms, replicas: done })
+    }
+
+    /// The snapshots, oldest first, as a healthy replica holds them.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotStatus>> {
+        let mut last_err = None;
+        for (_, link) in self.read_order() {
+            match link.snapshots().await {
+                Ok(list) => return Ok(snapshot_statuses(list)),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| self.unavailable(Op::Snapshot)))
+    }
+
+    /// Deletes snapshot `name` on every replica (each merges it into its
+    /// child in the background; listings show it as merging until done).
+    pub async fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.wait_quorum(Op::Snapshot).await?;
+        let targets = self.participants();
+        let results = join_all(targets.iter().map(|(_, l)| l.delete_snapshot(name))).await;
+        let mut ok = 0;
+        let mut first_err = None;
+        for ((m, _), r) in targets.iter().zip(results) {
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    tracing::warn!(replica = %m.addr, snapshot = name, "snapshot delete failed: {e}");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) if ok == 0 || is_request_error(e.kind()) => Err(e.with_op(Op::Snapshot)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes the volume's contents those of snapshot `name` on every
+    /// replica. The volume must be paused ([`Volume::pause`]): clients
+    /// would otherwise see their data change under them.
+    pub async fn snapshot_revert(&self, name: &str) -> Result<()> {
+        if !self.is_paused() {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                "revert changes the volume under its clients: detach the NBD/iSCSI clients and pause I/O \
+                 first (`jiva snapshot revert NAME --pause` pauses for the revert)",
+            )
+            .with_op(Op::Snapshot));
+        }
+        if self.members_snapshot().iter().any(|m| m.state() == ReplicaState::Rebuilding) {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                "a replica is rebuilding; revert once it is healthy",
+            )
+            .with_op(Op::Snapshot));
+        }
+        let _fence = self.writes.lock(0, self.size, true).await;
+        self.wrote.store(true, Ordering::Relaxed);
+        let targets = self.participants();
+        let results = {
+            let io = self.enter();
+            join_all(targets.iter().map(|(_, l)| l.revert_snapshot(name, io.generation))).await
+        };
+        let mut ok = 0;
+        let mut first_err = None;
+        for ((m, _), r) in targets.iter().zip(results) {
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) if is_request_error(e.kind()) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %m.addr, "revert failed: {e}");
+                    self.mark_failed(m, &e);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if ok == 0 {
+            return Err(first_err.unwrap_or_else(|| self.unavailable(Op::Snapshot)).with_op(Op::Snapshot));
+        }
+        if let Some(e) = first_err.filter(|e| is_request_error(e.kind())) {
+            return Err(e.with_op(Op::Snapshot));
+        }
+        self.sync_membership().await?;
+        tracing::info!(volume = %self.name, snapshot = name, "volume reverted");
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` of snapshot `name` from a healthy replica.
+    pub async fn read_snapshot(&self, name: &str, offset: u64, len: usize) -> Result<Bytes> {
+        let mut last_err = None;
+        for (m, link) in self.read_order() {
+            let _in_flight = InFlight::new(&m.in_flight);
+            match link.read_snapshot(name, offset, len).await {
+                Ok(data) => return Ok(data),
+                Err(e) if is_request_error(e.kind()) => return Err(e),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| self.unavailable(Op::Read)))
+    }
+
+    /// Allocation of `offset..offset+len` in snapshot `name`.
+    pub async fn snapshot_block_status(&self, name: &str, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let mut last_err = None;
+        for (_, link) in self.read_order() {
+            match link.snapshot_block_status(name, offset, len).await {
+                Ok(ext) => return Ok(ext),
+                Err(e) if is_request_error(e.kind()) => return Err(e),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| self.unavailable(Op::BlockStatus)))
+    }
+}
+
+fn snapshot_statuses(list: Vec<SnapshotEntry>) -> Vec<SnapshotStatus> {
+    let mut parent: Option<String> = None;
+    list.into_iter()
+        .map(|s| {
+            let status = SnapshotStatus {
+                parent: parent.replace(s.name.clone()),
+                name: s.name,
+                created_ms: s.created_ms,
+                size_bytes: s.allocated_bytes,
+                kind: if s.system { "system" } else { "user" },
+                merging: s.merging,
+            };
+            status
+        })
+        .collect()
+}
+
 enum CopyError {
     Source(Error),
     Target(Error),
@@ -1283,6 +1537,7 @@ impl<C: Connector> BlockDevice for Volume<C> {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.wait_unpaused().await;
         self.wait_quorum(Op::Read).await?;
         let mut last_err = None;
         let mut corrupt_on: Vec<Pick<C::Link>> = Vec::new();
@@ -1341,6 +1596,7 @@ impl<C: Connector> BlockDevice for Volume<C> {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.wait_unpaused().await;
         let mut last_err = None;
         for (_, link) in self.read_order() {
             match link.block_status(offset, len).await {

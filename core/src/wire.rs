@@ -20,10 +20,24 @@
 //!   or a UTF-8 error message when status != 0.
 //! ```
 //!
-//! Version 2 (this one) added the replica metadata in the HelloReply, the
-//! generation and crc fields of requests, and the opcodes GET_META,
-//! SET_MEMBERSHIP, SET_REBUILD and GET_STAMPS. A replica refuses a Hello of
-//! another version, so mixed versions fail at the handshake, never later.
+//! Version 2 added the replica metadata in the HelloReply, the generation
+//! and crc fields of requests, and the opcodes GET_META, SET_MEMBERSHIP,
+//! SET_REBUILD and GET_STAMPS. Version 3 (this one) added the snapshot
+//! opcodes:
+//!
+//! ```text
+//!   SNAP_CREATE   payload: name; FLAG_SYSTEM marks a system snapshot
+//!   SNAP_DELETE   payload: name (the merge into its child runs in the background)
+//!   SNAP_REVERT   payload: name; `generation` stamps the changed regions
+//!   SNAP_LIST     response: u32 count, then per snapshot (oldest first)
+//!                 created_ms u64 | allocated u64 | flags u8 (1 SYSTEM, 2 MERGING)
+//!                 | name_len u8 | name
+//!   SNAP_READ     payload: length u64 | name; response: the data at `offset`
+//!   SNAP_STATUS   payload: length u64 | name; response: BLOCK_STATUS extents
+//! ```
+//!
+//! A replica refuses a Hello of another version, so mixed versions fail at
+//! the handshake, never later.
 //!
 //! `generation` on a changing request (WRITE, TRIM, WRITE_ZEROES) is the volume
 //! generation it belongs to: the replica durably raises the stamp of every
@@ -43,7 +57,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use crate::device::{Extent, ExtentState, MAX_IO_BYTES};
 use crate::error::{Error, ErrorKind, Result};
 
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const HELLO_MAGIC: u32 = u32::from_be_bytes(*b"JVHI");
 pub const HELLO_REPLY_MAGIC: u32 = u32::from_be_bytes(*b"JVHR");
 pub const REQUEST_MAGIC: u32 = u32::from_be_bytes(*b"JVRQ");
@@ -65,6 +79,8 @@ pub const FLAG_FUA: u8 = 1;
 pub const FLAG_NO_HOLE: u8 = 2;
 /// WRITE: `crc` is the crc32c of the payload; the replica checks it.
 pub const FLAG_CRC: u8 = 4;
+/// SNAP_CREATE: a system (not user) snapshot.
+pub const FLAG_SYSTEM: u8 = 8;
 
 /// HelloReply flag: the replica's store was shut down cleanly last time.
 pub const HELLO_CLEAN: u32 = 1;
@@ -112,6 +128,18 @@ pub enum Opcode {
     SetRebuild = 10,
     /// Region stamps: `offset` = first region, `length` = region count.
     GetStamps = 11,
+    /// Snapshot the head (payload: name).
+    SnapCreate = 12,
+    /// Delete a snapshot (payload: name).
+    SnapDelete = 13,
+    /// Revert the head to a snapshot (payload: name).
+    SnapRevert = 14,
+    /// List the snapshots.
+    SnapList = 15,
+    /// Read from a snapshot (payload: [`SnapTarget`]).
+    SnapRead = 16,
+    /// Block status of a snapshot (payload: [`SnapTarget`]).
+    SnapStatus = 17,
 }
 
 impl Opcode {
@@ -128,6 +156,12 @@ impl Opcode {
             9 => Opcode::SetMembership,
             10 => Opcode::SetRebuild,
             11 => Opcode::GetStamps,
+            12 => Opcode::SnapCreate,
+            13 => Opcode::SnapDelete,
+            14 => Opcode::SnapRevert,
+            15 => Opcode::SnapList,
+            16 => Opcode::SnapRead,
+            17 => Opcode::SnapStatus,
             _ => return None,
         })
     }
@@ -138,6 +172,7 @@ impl Opcode {
             Opcode::Write => FLAG_FUA | FLAG_CRC,
             Opcode::Trim => FLAG_FUA,
             Opcode::WriteZeroes => FLAG_FUA | FLAG_NO_HOLE,
+            Opcode::SnapCreate => FLAG_SYSTEM,
             _ => 0,
         }
     }
@@ -399,7 +434,17 @@ pub fn decode_hello_reply(buf: &mut BytesMut) -> Result<Option<HelloReply>, Wire
 
 /// Whether requests with this opcode carry a payload of `length` bytes.
 fn has_payload(op: Opcode) -> bool {
-    matches!(op, Opcode::Write | Opcode::SetMembership | Opcode::SetRebuild)
+    matches!(
+        op,
+        Opcode::Write
+            | Opcode::SetMembership
+            | Opcode::SetRebuild
+            | Opcode::SnapCreate
+            | Opcode::SnapDelete
+            | Opcode::SnapRevert
+            | Opcode::SnapRead
+            | Opcode::SnapStatus
+    )
 }
 
 /// Encodes a request header; a payload is sent after it separately (so
@@ -442,12 +487,20 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<Request>, WireError> 
         Opcode::Read | Opcode::Write if length > u64::from(MAX_IO_BYTES) => {
             return Err(WireError::TooLarge(length));
         }
-        Opcode::SetMembership | Opcode::SetRebuild if length > MAX_META_LEN as u64 => {
+        Opcode::SetMembership
+        | Opcode::SetRebuild
+        | Opcode::SnapCreate
+        | Opcode::SnapDelete
+        | Opcode::SnapRevert
+        | Opcode::SnapRead
+        | Opcode::SnapStatus
+            if length > MAX_META_LEN as u64 =>
+        {
             return Err(WireError::TooLarge(length));
         }
         Opcode::GetStamps if length > MAX_STAMPS => return Err(WireError::TooLarge(length)),
         op if has_payload(op) => length as usize,
-        Opcode::Flush | Opcode::Ping | Opcode::GetMeta if length != 0 => {
+        Opcode::Flush | Opcode::Ping | Opcode::GetMeta | Opcode::SnapList if length != 0 => {
             return Err(WireError::Malformed("length"));
         }
         _ => 0,
@@ -525,6 +578,99 @@ pub fn decode_extents(mut payload: &[u8]) -> Result<Vec<Extent>, WireError> {
         out.push(Extent { length, state });
     }
     Ok(out)
+}
+
+/// A snapshot as a replica lists it (SNAP_LIST).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    pub name: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// Bytes held in the snapshot's own layer.
+    pub allocated_bytes: u64,
+    pub system: bool,
+    /// Being deleted (merging into its child).
+    pub merging: bool,
+}
+
+/// Longest snapshot name on the wire.
+pub const MAX_SNAPSHOT_NAME: usize = 64;
+
+pub fn encode_snapshots(list: &[SnapshotEntry]) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u32(list.len() as u32);
+    for s in list {
+        let name = &s.name.as_bytes()[..s.name.len().min(MAX_SNAPSHOT_NAME)];
+        out.put_u64(s.created_ms);
+        out.put_u64(s.allocated_bytes);
+        out.put_u8(u8::from(s.system) | (u8::from(s.merging) << 1));
+        out.put_u8(name.len() as u8);
+        out.put_slice(name);
+    }
+    out.freeze()
+}
+
+pub fn decode_snapshots(buf: &[u8]) -> Result<Vec<SnapshotEntry>, WireError> {
+    let mut c = Cursor(buf);
+    let n = c.u32()? as usize;
+    // Each entry is at least 18 bytes: bound the allocation by the payload.
+    if n > buf.len() / 18 {
+        return Err(WireError::Malformed("snapshot count"));
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let created_ms = c.u64()?;
+        let allocated_bytes = c.u64()?;
+        let flags = c.u8()?;
+        if flags & !3 != 0 {
+            return Err(WireError::Malformed("snapshot flags"));
+        }
+        let len = usize::from(c.u8()?);
+        if len == 0 || len > MAX_SNAPSHOT_NAME || c.0.len() < len {
+            return Err(WireError::Malformed("snapshot name"));
+        }
+        let (name, rest) = c.0.split_at(len);
+        c.0 = rest;
+        let name = String::from_utf8(name.to_vec()).map_err(|_| WireError::Malformed("snapshot name"))?;
+        out.push(SnapshotEntry {
+            name,
+            created_ms,
+            allocated_bytes,
+            system: flags & 1 != 0,
+            merging: flags & 2 != 0,
+        });
+    }
+    c.end()?;
+    Ok(out)
+}
+
+/// SNAP_READ / SNAP_STATUS payload: how many bytes, of which snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapTarget {
+    pub length: u64,
+    pub name: String,
+}
+
+pub fn encode_snap_target(t: &SnapTarget) -> Bytes {
+    let mut out = BytesMut::with_capacity(8 + t.name.len());
+    out.put_u64(t.length);
+    out.put_slice(t.name.as_bytes());
+    out.freeze()
+}
+
+pub fn decode_snap_target(buf: &[u8]) -> Result<SnapTarget, WireError> {
+    let mut c = Cursor(buf);
+    let length = c.u64()?;
+    let name = decode_snap_name(c.0)?;
+    Ok(SnapTarget { length, name })
+}
+
+/// A snapshot name payload (SNAP_CREATE, SNAP_DELETE, SNAP_REVERT).
+pub fn decode_snap_name(buf: &[u8]) -> Result<String, WireError> {
+    if buf.is_empty() || buf.len() > MAX_SNAPSHOT_NAME {
+        return Err(WireError::Malformed("snapshot name"));
+    }
+    String::from_utf8(buf.to_vec()).map_err(|_| WireError::Malformed("snapshot name"))
 }
 
 /// Most members a [`Membership`] may list.
@@ -756,6 +902,12 @@ mod tests {
             Just(Opcode::SetMembership),
             Just(Opcode::SetRebuild),
             Just(Opcode::GetStamps),
+            Just(Opcode::SnapCreate),
+            Just(Opcode::SnapDelete),
+            Just(Opcode::SnapRevert),
+            Just(Opcode::SnapList),
+            Just(Opcode::SnapRead),
+            Just(Opcode::SnapStatus),
         ]
     }
 
@@ -777,7 +929,7 @@ mod tests {
                 }
                 let (length, data) = match opcode {
                     op if has_payload(op) => (data.len() as u64, Bytes::from(data)),
-                    Opcode::Flush | Opcode::Ping | Opcode::GetMeta => (0, Bytes::new()),
+                    Opcode::Flush | Opcode::Ping | Opcode::GetMeta | Opcode::SnapList => (0, Bytes::new()),
                     _ => (length, Bytes::new()),
                 };
                 Request { opcode, flags, tag, offset, length, generation, crc, data }
@@ -974,5 +1126,32 @@ mod tests {
         let r = Response::error(7, &e);
         assert!(r.payload.len() <= MAX_MESSAGE_LEN);
         assert_eq!(r.into_result().unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    proptest! {
+        #[test]
+        fn snapshot_lists_round_trip(list in prop::collection::vec(
+            ("[a-z0-9._-]{1,64}", any::<u64>(), any::<u64>(), any::<bool>(), any::<bool>()), 0..20)) {
+            let list: Vec<SnapshotEntry> = list
+                .into_iter()
+                .map(|(name, created_ms, allocated_bytes, system, merging)| SnapshotEntry {
+                    name, created_ms, allocated_bytes, system, merging,
+                })
+                .collect();
+            prop_assert_eq!(decode_snapshots(&encode_snapshots(&list)).unwrap(), list);
+        }
+
+        #[test]
+        fn snapshot_decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_snapshots(&bytes);
+            let _ = decode_snap_target(&bytes);
+            let _ = decode_snap_name(&bytes);
+        }
+
+        #[test]
+        fn snap_targets_round_trip(length in any::<u64>(), name in "[a-z0-9._-]{1,64}") {
+            let t = SnapTarget { length, name };
+            prop_assert_eq!(decode_snap_target(&encode_snap_target(&t)).unwrap(), t);
+        }
     }
 }

@@ -28,6 +28,7 @@ use jiva_core::device::{BlockDevice, ZeroFlags, check_range};
 use jiva_core::error::{Error, ErrorKind, Result};
 use jiva_core::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
+    SnapshotEntry,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpListener;
@@ -79,6 +80,23 @@ pub trait Backend: BlockDevice {
         flags: ZeroFlags,
         generation: u64,
     ) -> impl Future<Output = Result<()>> + Send;
+    fn create_snapshot(&self, name: &str, system: bool) -> impl Future<Output = Result<()>> + Send;
+    /// Starts the delete (the merge goes on in the background).
+    fn delete_snapshot(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    fn revert_snapshot(&self, name: &str, generation: u64) -> impl Future<Output = Result<()>> + Send;
+    fn snapshots(&self) -> Vec<SnapshotEntry>;
+    fn read_snapshot(
+        &self,
+        name: &str,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Bytes>> + Send;
+    fn snapshot_block_status(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<jiva_core::Extent>>> + Send;
 }
 
 /// Block ranges whose reads fail with an I/O error: a stand-in for a disk
@@ -389,6 +407,34 @@ impl<B: Backend> ReplicaServer<B> {
                 let ext = self.backend.block_status(req.offset, req.length).await?;
                 Ok(wire::encode_extents(&ext))
             }
+            Opcode::SnapCreate => {
+                let name = wire::decode_snap_name(&req.data)?;
+                let system = req.flags & wire::FLAG_SYSTEM != 0;
+                self.backend.create_snapshot(&name, system).await.map(|_| Bytes::new())
+            }
+            Opcode::SnapDelete => {
+                let name = wire::decode_snap_name(&req.data)?;
+                self.backend.delete_snapshot(&name).await.map(|_| Bytes::new())
+            }
+            Opcode::SnapRevert => {
+                let name = wire::decode_snap_name(&req.data)?;
+                self.backend.revert_snapshot(&name, req.generation).await.map(|_| Bytes::new())
+            }
+            Opcode::SnapList => Ok(wire::encode_snapshots(&self.backend.snapshots())),
+            Opcode::SnapRead => {
+                let t = wire::decode_snap_target(&req.data)?;
+                if t.length > u64::from(jiva_core::device::MAX_IO_BYTES) {
+                    return Err(Error::new(ErrorKind::InvalidArgument, "snapshot read too large"));
+                }
+                check_range(size, req.offset, t.length)?;
+                self.backend.read_snapshot(&t.name, req.offset, t.length as usize).await
+            }
+            Opcode::SnapStatus => {
+                let t = wire::decode_snap_target(&req.data)?;
+                check_range(size, req.offset, t.length)?;
+                let ext = self.backend.snapshot_block_status(&t.name, req.offset, t.length).await?;
+                Ok(wire::encode_extents(&ext))
+            }
         }
     }
 }
@@ -469,6 +515,49 @@ impl Backend for crate::Store {
         generation: u64,
     ) -> impl Future<Output = Result<()>> + Send {
         crate::Store::zeroes_gen(self, offset, len, flags, generation)
+    }
+
+    fn create_snapshot(&self, name: &str, system: bool) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::create_snapshot(self, name, system)
+    }
+
+    fn delete_snapshot(&self, name: &str) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::delete_snapshot(self, name)
+    }
+
+    fn revert_snapshot(&self, name: &str, generation: u64) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::revert_snapshot(self, name, generation)
+    }
+
+    fn snapshots(&self) -> Vec<SnapshotEntry> {
+        crate::Store::snapshots(self)
+            .into_iter()
+            .map(|s| SnapshotEntry {
+                name: s.name,
+                created_ms: s.created_ms,
+                allocated_bytes: s.allocated_bytes,
+                system: s.system,
+                merging: s.merging,
+            })
+            .collect()
+    }
+
+    fn read_snapshot(
+        &self,
+        name: &str,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Bytes>> + Send {
+        crate::Store::read_snapshot(self, name, offset, len)
+    }
+
+    fn snapshot_block_status(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<jiva_core::Extent>>> + Send {
+        crate::Store::snapshot_block_status(self, name, offset, len)
     }
 }
 
