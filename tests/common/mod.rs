@@ -84,7 +84,11 @@ impl Up {
     /// Starts `jiva up` with the given replica count and size in `dir`, on
     /// free loopback ports (NBD and API), and waits until it prints its NBD URI.
     pub fn start(dir: &Path, size: &str, replicas: u32, extra: &[&str]) -> Up {
-        let name = "vol";
+        Up::start_named(dir, size, replicas, "vol", extra)
+    }
+
+    /// Like [`Up::start`] for a volume named `name`.
+    pub fn start_named(dir: &Path, size: &str, replicas: u32, name: &str, extra: &[&str]) -> Up {
         let api_args: &[&str] = if extra.contains(&"--api") { &[] } else { &["--api", "127.0.0.1:0"] };
         let mut child = Command::new(JIVA)
             .args(["up", "--dir"])
