@@ -281,14 +281,6 @@ pub async fn rm(a: RmArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dechunks() {
-        assert_eq!(super::dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
-    }
-}
-
 /// Sends a request; the body on a 2xx status, else the API's error.
 async fn call(
     api: &str,
@@ -460,5 +452,19 @@ async fn clone(a: CloneArgs) -> anyhow::Result<()> {
             last_report = std::time::Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(super::format_time(0), "1970-01-01 00:00:00");
+        assert_eq!(super::format_time(1_795_000_000_123), "2026-11-18 11:06:40");
+    }
+
+    #[test]
+    fn dechunks() {
+        assert_eq!(super::dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
     }
 }

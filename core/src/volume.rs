@@ -1462,16 +1462,13 @@ impl<C: Connector> Volume<C> {
 fn snapshot_statuses(list: Vec<SnapshotEntry>) -> Vec<SnapshotStatus> {
     let mut parent: Option<String> = None;
     list.into_iter()
-        .map(|s| {
-            let status = SnapshotStatus {
-                parent: parent.replace(s.name.clone()),
-                name: s.name,
-                created_ms: s.created_ms,
-                size_bytes: s.allocated_bytes,
-                kind: if s.system { "system" } else { "user" },
-                merging: s.merging,
-            };
-            status
+        .map(|s| SnapshotStatus {
+            parent: parent.replace(s.name.clone()),
+            name: s.name,
+            created_ms: s.created_ms,
+            size_bytes: s.allocated_bytes,
+            kind: if s.system { "system" } else { "user" },
+            merging: s.merging,
         })
         .collect()
 }

@@ -1515,7 +1515,7 @@ fn locate(layers: &[Arc<Layer>], first: u64, todo: &[(u64, usize)]) -> Vec<(u64,
 /// operations per run, not per block.
 fn locate_runs(layers: &[Arc<Layer>], a: u64, b: u64) -> Vec<(usize, std::ops::Range<u64>)> {
     let mut owned = Vec::new();
-    let mut open = vec![a..b];
+    let mut open = std::iter::once(a..b).collect::<Vec<_>>();
     for pos in (0..layers.len()).rev() {
         if open.is_empty() {
             break;
