@@ -65,6 +65,22 @@ pub trait Backend: BlockDevice {
         fua: bool,
         generation: u64,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// A rebuild copy whose payload must have crc32c `crc` (`Corrupt`
+    /// otherwise, with nothing written).
+    fn write_copy(
+        &self,
+        offset: u64,
+        data: Bytes,
+        generation: u64,
+        crc: u32,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            if crc32c::crc32c(&data) != crc {
+                return Err(Error::new(ErrorKind::Corrupt, "write payload does not match its crc").at(offset));
+            }
+            self.write_gen(offset, data, false, generation).await
+        }
+    }
     fn trim_gen(
         &self,
         offset: u64,
@@ -355,12 +371,19 @@ impl<B: Backend> ReplicaServer<B> {
             }
             Opcode::Write => {
                 check_range(size, req.offset, req.data.len() as u64)?;
-                if req.flags & wire::FLAG_CRC != 0 && crc32c::crc32c(&req.data) != req.crc {
-                    return Err(
-                        Error::new(ErrorKind::Corrupt, "write payload does not match its crc").at(req.offset)
-                    );
-                }
-                self.backend.write_gen(req.offset, req.data, fua, req.generation).await.map(|_| Bytes::new())
+                let done = if req.flags & wire::FLAG_CRC != 0 {
+                    if fua {
+                        // Copies are made durable by the flush that ends a rebuild step.
+                        return Err(Error::new(
+                            ErrorKind::InvalidArgument,
+                            "a crc-checked write cannot be FUA",
+                        ));
+                    }
+                    self.backend.write_copy(req.offset, req.data, req.generation, req.crc).await
+                } else {
+                    self.backend.write_gen(req.offset, req.data, fua, req.generation).await
+                };
+                done.map(|_| Bytes::new())
             }
             Opcode::Trim => {
                 check_range(size, req.offset, req.length)?;
@@ -449,6 +472,16 @@ impl Backend for crate::Store {
         generation: u64,
     ) -> impl Future<Output = Result<()>> + Send {
         crate::Store::write_gen(self, offset, data, fua, generation)
+    }
+
+    fn write_copy(
+        &self,
+        offset: u64,
+        data: Bytes,
+        generation: u64,
+        crc: u32,
+    ) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::write_copy(self, offset, data, generation, crc)
     }
 
     fn trim_gen(
