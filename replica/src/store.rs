@@ -1236,7 +1236,8 @@ mod tests {
 
     #[test]
     fn block_crcs_combine_to_the_crc_of_the_whole() {
-        let data: Vec<u8> = (0..5 * BSZ as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let data: Vec<u8> =
+            (0..5 * BSZ as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let mut whole = None;
         for block in data.chunks(BSZ) {
             let c = crc32c::crc32c(block);

@@ -710,7 +710,9 @@ async fn copies_are_crc_checked_and_coherent_with_buffered_io() {
         drop(store);
         let data = head_file(dir.path(), false);
         // SAFETY: advisory call on a descriptor we own.
-        unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&data), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        unsafe {
+            libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&data), 0, 0, libc::POSIX_FADV_DONTNEED)
+        };
         let store = open(dir.path(), 16 * MIB, engine).await;
         assert_eq!(&store.read(0, 4 * MIB as usize).await.unwrap()[..], &want[..]);
         assert_eq!(store.read(8 * MIB + 3, 5000).await.unwrap(), small);
