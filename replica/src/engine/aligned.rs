@@ -79,24 +79,24 @@ impl AlignedBuf {
     /// An aligned copy of `data`.
     pub fn copy_of(data: &[u8]) -> AlignedBuf {
         let len = data.len();
-        let mut b = AlignedBuf::recycled(len).unwrap_or_else(|| {
-            let cap = class_of(len).map_or(len, |(_, cap)| cap);
-            let layout = Self::layout(cap);
-            // SAFETY: the layout has a non-zero size.
-            let raw = unsafe { alloc(layout) };
-            let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
-            // SAFETY: `data` and the new allocation do not overlap, and the
-            // allocation holds `cap >= len` bytes: after this every byte of
-            // it is initialised (the tail too, as a later, longer reuse of
-            // the allocation from the pool exposes it).
-            unsafe {
-                std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), len);
-                ptr.as_ptr().add(len).write_bytes(0, cap - len);
-            }
-            return AlignedBuf { ptr, len, cap };
-        });
-        b.as_mut().copy_from_slice(data);
-        b
+        if let Some(mut b) = AlignedBuf::recycled(len) {
+            b.as_mut().copy_from_slice(data);
+            return b;
+        }
+        let cap = class_of(len).map_or(len, |(_, cap)| cap);
+        let layout = Self::layout(cap);
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
+        // SAFETY: `data` and the new allocation do not overlap, and the
+        // allocation holds `cap >= len` bytes: after this every byte of it is
+        // initialised (the tail too, as a later, longer reuse of the
+        // allocation from the pool exposes it).
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), len);
+            ptr.as_ptr().add(len).write_bytes(0, cap - len);
+        }
+        AlignedBuf { ptr, len, cap }
     }
 
     /// A pooled allocation for `len` bytes, holding initialised (stale)
