@@ -19,6 +19,12 @@ def spawn(args, prefix):
         p.kill(); sys.exit(f"{args[1]} printed {line!r}")
     return p, line[len(prefix):]
 
+def cpu_seconds(pid):
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 def api_get(jiva, api, path="status"):
     out = subprocess.check_output([jiva, "volume", "status", "--json", "--api", api], text=True)
     return json.loads(out)
@@ -63,13 +69,19 @@ def main():
         port = free_port()
         r2, _ = spawn([jiva, "replica", "--listen", f"127.0.0.1:{port}", "--dir", f"{base}/r2", "--size", "2G", *extra], "listening on ")
         procs.append(r2)
+        roles = {"controller": ctl, "source": r1, "target": r2}
+        cpu0 = {k: cpu_seconds(p.pid) for k, p in roles.items()}
         t0 = time.time()
         subprocess.check_call([jiva, "replica", "add", f"127.0.0.1:{port}", "--api", api], stdout=subprocess.DEVNULL)
         s = wait_healthy(jiva, api, 1)
         wall = time.time() - t0
+        cpu = {k: cpu_seconds(p.pid) - cpu0[k] for k, p in roles.items()}
         mbs = s["copied_bytes"] / s["seconds"] / 1e6
+        gib = s["copied_bytes"] / 2**30
         print(f"rebuild alone: {s['copied_bytes'] / 2**20:.0f} MiB copied in {s['seconds']:.2f} s "
               f"= {mbs:.0f} MB/s (wall incl. attach {wall:.2f} s)")
+        print("CPU seconds per GiB copied: " + ", ".join(f"{k} {v / gib:.2f}" for k, v in cpu.items())
+              + f" (total {sum(cpu.values()) / gib:.2f})")
         base_iops = fio(uri, 8)
         print(f"foreground 4k randrw qd32, 2 healthy replicas, no rebuild: {base_iops:.0f} IOPS")
         # Again with a fresh second replica, and foreground I/O during the copy.

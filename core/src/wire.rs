@@ -466,11 +466,10 @@ pub fn encode_request_header(r: &Request, out: &mut BytesMut) {
     out.put_slice(hdr.as_bytes());
 }
 
-/// Decodes a request (with its payload) from the front of `buf`;
-/// `Ok(None)` means more bytes are needed. Validates magic, opcode, flags,
-/// reserved bits and sizes; range checks against the device are the
-/// server's job.
-pub fn decode_request(buf: &mut BytesMut) -> Result<Option<Request>, WireError> {
+/// Decodes and validates the request header at the front of `buf` (the
+/// payload need not have arrived): the request without its payload, and the
+/// payload's length. `None` if the header is incomplete.
+pub fn decode_request_header(buf: &[u8]) -> Result<Option<(Request, usize)>, WireError> {
     let Some(hdr) = peek::<RequestHeader>(buf) else { return Ok(None) };
     if hdr.magic.get() != REQUEST_MAGIC {
         return Err(WireError::BadMagic(hdr.magic.get()));
@@ -505,14 +504,32 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<Request>, WireError> 
         }
         _ => 0,
     };
+    let req = Request {
+        opcode,
+        flags: hdr.flags,
+        tag: hdr.tag.get(),
+        offset: hdr.offset.get(),
+        length,
+        generation: hdr.generation.get(),
+        crc: hdr.crc.get(),
+        data: Bytes::new(),
+    };
+    Ok(Some((req, payload)))
+}
+
+/// Decodes a request (with its payload) from the front of `buf`;
+/// `Ok(None)` means more bytes are needed (see also
+/// [`decode_request_header`]). Validates magic, opcode, flags,
+/// reserved bits and sizes; range checks against the device are the
+/// server's job.
+pub fn decode_request(buf: &mut BytesMut) -> Result<Option<Request>, WireError> {
+    let Some((mut req, payload)) = decode_request_header(buf)? else { return Ok(None) };
     if buf.len() < REQUEST_LEN + payload {
         return Ok(None);
     }
-    let (flags, tag, offset, crc) = (hdr.flags, hdr.tag.get(), hdr.offset.get(), hdr.crc.get());
-    let generation = hdr.generation.get();
     buf.advance(REQUEST_LEN);
-    let data = buf.split_to(payload).freeze();
-    Ok(Some(Request { opcode, flags, tag, offset, length, generation, crc, data }))
+    req.data = buf.split_to(payload).freeze();
+    Ok(Some(req))
 }
 
 pub fn encode_response_header(r: &Response, out: &mut BytesMut) {

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use crate::engine::aligned::AlignedBuf;
+use bytes::{Buf, Bytes, BytesMut};
 use jiva_core::device::{BlockDevice, ZeroFlags, check_range};
 use jiva_core::error::{Error, ErrorKind, Result};
 use jiva_core::wire::{
@@ -66,6 +67,22 @@ pub trait Backend: BlockDevice {
         fua: bool,
         generation: u64,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// A rebuild copy whose payload must have crc32c `crc` (`Corrupt`
+    /// otherwise, with nothing written).
+    fn write_copy(
+        &self,
+        offset: u64,
+        data: Bytes,
+        generation: u64,
+        crc: u32,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            if crc32c::crc32c(&data) != crc {
+                return Err(Error::new(ErrorKind::Corrupt, "write payload does not match its crc").at(offset));
+            }
+            self.write_gen(offset, data, false, generation).await
+        }
+    }
     fn trim_gen(
         &self,
         offset: u64,
@@ -318,38 +335,41 @@ impl<B: Backend> ReplicaServer<B> {
         let writer = tokio::spawn(write_responses(rx, wr));
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let result = loop {
-            match wire::decode_request(&mut buf) {
-                Ok(Some(req)) => {
-                    if self.current_epoch.load(Ordering::SeqCst) > epoch {
-                        let e = Error::new(ErrorKind::Fenced, "a controller with a newer epoch has attached");
-                        let _ = tx.send(Response::error(req.tag, &e));
-                        break Err(e);
+            let req = match wire::decode_request(&mut buf) {
+                Ok(Some(req)) => req,
+                Ok(None) => match receive_large(&mut rd, &mut buf).await {
+                    Ok(Some(req)) => req,
+                    Ok(None) => {
+                        if buf.capacity() - buf.len() < 64 * 1024 {
+                            buf.reserve(1024 * 1024);
+                        }
+                        match rd.read_buf(&mut buf).await {
+                            Ok(0) => break Ok(()),
+                            Ok(_) => continue,
+                            Err(e) => break Err(e.into()),
+                        }
                     }
-                    let permit = slots.clone().acquire_owned().await.expect("semaphore never closed");
-                    let server = self.clone();
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let tag = req.tag;
-                        let resp = match server.execute(req).await {
-                            Ok(payload) => Response::ok(tag, payload),
-                            Err(e) => Response::error(tag, &e),
-                        };
-                        let _ = tx.send(resp);
-                        drop(permit);
-                    });
-                    continue;
-                }
-                Ok(None) => {}
+                    Err(e) => break Err(e),
+                },
                 Err(e) => break Err(e.into()),
+            };
+            if self.current_epoch.load(Ordering::SeqCst) > epoch {
+                let e = Error::new(ErrorKind::Fenced, "a controller with a newer epoch has attached");
+                let _ = tx.send(Response::error(req.tag, &e));
+                break Err(e);
             }
-            if buf.capacity() - buf.len() < 64 * 1024 {
-                buf.reserve(1024 * 1024);
-            }
-            match rd.read_buf(&mut buf).await {
-                Ok(0) => break Ok(()),
-                Ok(_) => {}
-                Err(e) => break Err(e.into()),
-            }
+            let permit = slots.clone().acquire_owned().await.expect("semaphore never closed");
+            let server = self.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let tag = req.tag;
+                let resp = match server.execute(req).await {
+                    Ok(payload) => Response::ok(tag, payload),
+                    Err(e) => Response::error(tag, &e),
+                };
+                let _ = tx.send(resp);
+                drop(permit);
+            });
         };
         // Let in-flight requests finish and their responses go out.
         drop(tx);
@@ -373,12 +393,19 @@ impl<B: Backend> ReplicaServer<B> {
             }
             Opcode::Write => {
                 check_range(size, req.offset, req.data.len() as u64)?;
-                if req.flags & wire::FLAG_CRC != 0 && crc32c::crc32c(&req.data) != req.crc {
-                    return Err(
-                        Error::new(ErrorKind::Corrupt, "write payload does not match its crc").at(req.offset)
-                    );
-                }
-                self.backend.write_gen(req.offset, req.data, fua, req.generation).await.map(|_| Bytes::new())
+                let done = if req.flags & wire::FLAG_CRC != 0 {
+                    if fua {
+                        // Copies are made durable by the flush that ends a rebuild step.
+                        return Err(Error::new(
+                            ErrorKind::InvalidArgument,
+                            "a crc-checked write cannot be FUA",
+                        ));
+                    }
+                    self.backend.write_copy(req.offset, req.data, req.generation, req.crc).await
+                } else {
+                    self.backend.write_gen(req.offset, req.data, fua, req.generation).await
+                };
+                done.map(|_| Bytes::new())
             }
             Opcode::Trim => {
                 check_range(size, req.offset, req.length)?;
@@ -439,6 +466,31 @@ impl<B: Backend> ReplicaServer<B> {
     }
 }
 
+/// Payloads of at least this size are received straight into an aligned
+/// buffer, which the store can hand to O_DIRECT without another copy (and
+/// which comes from a pool instead of a fresh, page-faulting allocation).
+const LARGE_PAYLOAD: usize = 256 * 1024;
+
+/// If `buf` starts with the (valid) header of a request with a large
+/// payload that has not fully arrived: reads the rest of that request from
+/// `rd` into an aligned buffer and returns it, leaving `buf` empty.
+async fn receive_large<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> Result<Option<Request>> {
+    let Some((mut req, payload)) = wire::decode_request_header(buf)? else { return Ok(None) };
+    if payload < LARGE_PAYLOAD {
+        return Ok(None);
+    }
+    buf.advance(wire::REQUEST_LEN);
+    // `decode_request` returned None: the payload has not all arrived, so
+    // `buf` holds only a prefix of it.
+    let have = buf.len();
+    let mut data = AlignedBuf::zeroed(payload);
+    data[..have].copy_from_slice(buf);
+    buf.clear();
+    rd.read_exact(&mut data[have..]).await?;
+    req.data = Bytes::from(data);
+    Ok(Some(req))
+}
+
 async fn write_responses<W: AsyncWrite + Unpin>(mut rx: mpsc::UnboundedReceiver<Response>, wr: W) {
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
     let result: std::io::Result<()> = async {
@@ -495,6 +547,16 @@ impl Backend for crate::Store {
         generation: u64,
     ) -> impl Future<Output = Result<()>> + Send {
         crate::Store::write_gen(self, offset, data, fua, generation)
+    }
+
+    fn write_copy(
+        &self,
+        offset: u64,
+        data: Bytes,
+        generation: u64,
+        crc: u32,
+    ) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::write_copy(self, offset, data, generation, crc)
     }
 
     fn trim_gen(

@@ -31,7 +31,7 @@ use jiva_core::{
 };
 
 use crate::engine::aligned::{AlignedBuf, aligned_bytes};
-use crate::engine::{Batch, Completion, Engine, EngineKind, Outcome, Request};
+use crate::engine::{Batch, Completion, Engine, EngineKind, Outcome, Request, cache};
 use crate::format::{self, BlockRecord, Manifest, RECORD_SIZE, SnapshotMeta};
 use crate::index::BlockIndex;
 use crate::intent::{self, Intent};
@@ -83,6 +83,14 @@ struct Layer {
     data: Arc<File>,
     /// Whether `data` is O_DIRECT (buffers must then be aligned).
     direct: bool,
+    /// When `data` goes through the page cache: an O_DIRECT descriptor of
+    /// the same file for large writes (rebuild copies, sequential writes)
+    /// and large reads of data the cache does not hold. Filling fresh
+    /// page-cache folios costs more CPU than the copy into an aligned
+    /// buffer, and the client caches for itself. The kernel keeps both
+    /// views coherent (a direct read writes dirty cached pages back
+    /// first); the range lock keeps them ordered.
+    bulk: Option<Arc<File>>,
     records: Arc<File>,
     /// Blocks with a record in this layer (an over-approximation while a
     /// change is in flight: reads fall through on an empty record).
@@ -106,6 +114,60 @@ pub struct SnapshotInfo {
     pub allocated_bytes: u64,
     /// Being deleted (merged into its child).
     pub merging: bool,
+}
+
+/// Rebuild copies of at least this many bytes, and reads of at least this
+/// many bytes not all in the page cache, use [`Layer::bulk`] when it exists.
+const BULK: usize = 256 * 1024;
+
+/// How [`Inner::write_blocks`] writes.
+#[derive(Clone, Copy)]
+struct WriteKind {
+    fua: bool,
+    /// The crc32c the whole (block-aligned) payload must have.
+    copy: Option<u32>,
+    /// Bypass the page cache when large (rebuild copies).
+    bulk: bool,
+}
+
+impl WriteKind {
+    const PLAIN: WriteKind = WriteKind { fua: false, copy: None, bulk: false };
+}
+
+fn payload_mismatch(offset: u64) -> Error {
+    Error::new(ErrorKind::Corrupt, "write payload does not match its crc").at(offset)
+}
+
+/// crc32c of `a ++ b` from crc32c(a) and crc32c(b), where b is one block:
+/// a linear map of crc32c(a) (multiplication by x^(8 * 4096) mod P),
+/// tabulated once per byte position, then xor.
+fn crc_then_block(a: u32, b: u32) -> u32 {
+    static SHIFT: std::sync::OnceLock<[[u32; 256]; 4]> = std::sync::OnceLock::new();
+    let t = SHIFT.get_or_init(|| {
+        let mut t = [[0u32; 256]; 4];
+        for (k, row) in t.iter_mut().enumerate() {
+            for (v, cell) in row.iter_mut().enumerate() {
+                *cell = crc32c::crc32c_combine((v as u32) << (8 * k), 0, BSZ);
+            }
+        }
+        t
+    });
+    let [b0, b1, b2, b3] = a.to_le_bytes();
+    t[0][usize::from(b0)] ^ t[1][usize::from(b1)] ^ t[2][usize::from(b2)] ^ t[3][usize::from(b3)] ^ b
+}
+
+impl Layer {
+    /// The descriptor to read `len` bytes at `offset` of the data file from.
+    fn data_for_read(&self, offset: u64, len: usize) -> &Arc<File> {
+        match &self.bulk {
+            Some(bulk)
+                if len >= BULK && cache::fully_cached(&self.data, offset, len as u64) == Some(false) =>
+            {
+                bulk
+            }
+            _ => &self.data,
+        }
+    }
 }
 
 struct Inner {
@@ -358,6 +420,19 @@ impl Store {
     /// Number of stamp regions.
     pub fn regions(&self) -> u64 {
         self.inner.stamps.len() as u64
+    }
+
+    /// A rebuild copy of volume generation `generation`: `data` must have
+    /// crc32c `crc` (checked in the same pass that computes the block
+    /// records; a mismatch is `Corrupt` and nothing is written), and large
+    /// copies bypass the page cache, as nobody reads them back soon.
+    pub async fn write_copy(&self, offset: u64, data: Bytes, generation: u64, crc: u32) -> Result<()> {
+        let inner = self.inner.clone();
+        detached(async move {
+            inner.raise_stamps(offset, data.len() as u64, generation).await?;
+            inner.write_with(offset, data, false, Some(crc)).await
+        })
+        .await
     }
 
     /// WRITE of volume generation `generation` (see [`crate::format`], stamps).
@@ -643,7 +718,11 @@ impl Inner {
                 .flat_map(|&(pos, i, n)| {
                     let l = &layers[pos];
                     [
-                        Request::read(&l.data, (first + i) * BS, (n * BS) as usize),
+                        Request::read(
+                            l.data_for_read((first + i) * BS, (n * BS) as usize),
+                            (first + i) * BS,
+                            (n * BS) as usize,
+                        ),
                         Request::read(&l.records, (first + i) * REC, (n * REC) as usize),
                     ]
                 })
@@ -685,18 +764,28 @@ impl Inner {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.write_with(offset, data, fua, None).await
+    }
+
+    /// A write; with `copy`, a rebuild copy whose payload must have that
+    /// crc32c (see [`Store::write_copy`]).
+    async fn write_with(&self, offset: u64, data: Bytes, fua: bool, copy: Option<u32>) -> Result<()> {
         if data.is_empty() {
             return if fua { self.sync_head(offset).await } else { Ok(()) };
+        }
+        let aligned = offset.is_multiple_of(BS) && data.len().is_multiple_of(BSZ);
+        if let Some(crc) = copy
+            && !aligned
+            && crc32c::crc32c(&data) != crc
+        {
+            return Err(payload_mismatch(offset));
         }
         let (first, count) = block_span(offset, data.len() as u64);
         let _range = self.lock.lock(first, first + count, true).await;
         self.mark_intent(first, count).await?;
-        let buf = if offset.is_multiple_of(BS) && data.len().is_multiple_of(BSZ) {
-            data
-        } else {
-            self.merge(offset, &data, first, count).await?
-        };
-        self.write_blocks(first, buf, fua).await
+        let buf = if aligned { data } else { self.merge(offset, &data, first, count).await? };
+        let write = WriteKind { fua, copy: copy.filter(|_| aligned), bulk: copy.is_some() };
+        self.write_blocks(first, buf, write, offset).await
     }
 
     /// `data` at `offset` merged into the current contents of its blocks
@@ -728,22 +817,32 @@ impl Inner {
 
     /// Writes whole blocks from `first` with their records, in one batch.
     /// Callers hold the range lock and have marked the intent.
-    async fn write_blocks(&self, first: u64, buf: Bytes, fua: bool) -> Result<()> {
+    async fn write_blocks(&self, first: u64, buf: Bytes, kind: WriteKind, offset: u64) -> Result<()> {
         let mut records = vec![0u8; buf.len() / BSZ * RECZ];
+        let mut whole: Option<u32> = None;
         for (block, rec) in buf.chunks(BSZ).zip(records.chunks_mut(RECZ)) {
-            format::encode_record(&BlockRecord::data(crc32c::crc32c(block)), rec);
+            let crc = crc32c::crc32c(block);
+            if kind.copy.is_some() {
+                whole = Some(whole.map_or(crc, |w| crc_then_block(w, crc)));
+            }
+            format::encode_record(&BlockRecord::data(crc), rec);
+        }
+        if kind.copy.is_some() && whole != kind.copy {
+            return Err(payload_mismatch(offset));
         }
         let head = self.head();
         head.index
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert_range(first, first + (buf.len() / BSZ) as u64);
-        let write = if fua { Request::write_dsync } else { Request::write };
-        let data = if head.direct { aligned_bytes(buf) } else { buf };
-        let batch = vec![
-            write(&head.data, first * BS, data),
-            write(&head.records, first * REC, Bytes::from(records)),
-        ];
+        let write = if kind.fua { Request::write_dsync } else { Request::write };
+        let (file, data) = match &head.bulk {
+            _ if head.direct => (&head.data, aligned_bytes(buf)),
+            Some(bulk) if kind.bulk && buf.len() >= BULK => (bulk, aligned_bytes(buf)),
+            _ => (&head.data, buf),
+        };
+        let batch =
+            vec![write(file, first * BS, data), write(&head.records, first * REC, Bytes::from(records))];
         self.run(batch, first * BS).await.map(drop)
     }
 
@@ -761,17 +860,17 @@ impl Inner {
             // No whole block: zero the bytes inside their block(s).
             let zeros = vec![0u8; len as usize];
             let buf = self.merge(offset, &zeros, first, count).await?;
-            self.write_blocks(first, buf, false).await?;
+            self.write_blocks(first, buf, WriteKind::PLAIN, offset).await?;
         } else {
             if !offset.is_multiple_of(BS) {
                 let zeros = vec![0u8; (whole_first * BS - offset) as usize];
                 let buf = self.merge(offset, &zeros, first, 1).await?;
-                self.write_blocks(first, buf, false).await?;
+                self.write_blocks(first, buf, WriteKind::PLAIN, offset).await?;
             }
             if !end.is_multiple_of(BS) {
                 let zeros = vec![0u8; (end - whole_end * BS) as usize];
                 let buf = self.merge(whole_end * BS, &zeros, whole_end, 1).await?;
-                self.write_blocks(whole_end, buf, false).await?;
+                self.write_blocks(whole_end, buf, WriteKind::PLAIN, offset).await?;
             }
             if keep {
                 self.zero_blocks(whole_first, whole_end).await?;
@@ -1623,10 +1722,10 @@ fn stamp_write(file: &Arc<File>, run: &[(u64, u64)]) -> Request {
     Request::write(file, run[0].0 * 8, bytes)
 }
 
-/// Opens an existing file for O_DIRECT writes.
-fn open_direct(path: &Path) -> std::io::Result<File> {
+/// Opens an existing file with O_DIRECT.
+fn open_direct(path: &Path, writable: bool) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    File::options().read(true).write(true).custom_flags(libc::O_DIRECT).open(path)
+    File::options().read(true).write(writable).custom_flags(libc::O_DIRECT).open(path)
 }
 
 /// Opens (or with `create`, creates) the files of layer `id` (blocking);
@@ -1661,7 +1760,7 @@ fn open_layer(dir: &Path, id: u64, size: u64, create: bool, direct_io: bool) -> 
     };
     let buffered = open(format::data_file_name(id), size)?;
     let direct_file = if direct_io {
-        open_direct(&dir.join(format::data_file_name(id)))
+        open_direct(&dir.join(format::data_file_name(id)), true)
     } else {
         Err(std::io::Error::other("not requested"))
     };
@@ -1676,8 +1775,13 @@ fn open_layer(dir: &Path, id: u64, size: u64, create: bool, direct_io: bool) -> 
             (buffered, false)
         }
     };
+    let bulk = if direct {
+        None
+    } else {
+        open_direct(&dir.join(format::data_file_name(id)), true).ok().map(Arc::new)
+    };
     let records = open(format::records_file_name(id), size / BS * REC)?;
-    Ok(Layer { id, data, direct, records, index: RwLock::new(BlockIndex::new()) })
+    Ok(Layer { id, data, direct, bulk, records, index: RwLock::new(BlockIndex::new()) })
 }
 
 /// Builds a layer's index from its records file, reading only the parts
@@ -1898,4 +2002,21 @@ fn write_manifest(dir: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, dir.join(format::MANIFEST_FILE))?;
     File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_crcs_combine_to_the_crc_of_the_whole() {
+        let data: Vec<u8> =
+            (0..5 * BSZ as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut whole = None;
+        for block in data.chunks(BSZ) {
+            let c = crc32c::crc32c(block);
+            whole = Some(whole.map_or(c, |w| crc_then_block(w, c)));
+        }
+        assert_eq!(whole, Some(crc32c::crc32c(&data)));
+    }
 }

@@ -23,6 +23,7 @@ use self::aligned::AlignedBuf;
 use jiva_core::{Error, ErrorKind};
 
 pub mod aligned;
+pub mod cache;
 pub mod sync;
 pub mod uring;
 
