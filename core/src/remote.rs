@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::device::{BlockDevice, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::replica::{Connector, Replica};
+use crate::vectored;
 use crate::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
 };
@@ -260,10 +261,7 @@ async fn write_loop(conn: Arc<Conn>, mut rx: mpsc::UnboundedReceiver<Outgoing>, 
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
             while let Some(msg) = next {
-                w.write_all(&msg.header).await?;
-                if !msg.data.is_empty() {
-                    w.write_all(&msg.data).await?;
-                }
+                vectored::write_frame(&mut w, &msg.header, &msg.data).await?;
                 next = rx.try_recv().ok();
             }
             w.flush().await?;
@@ -288,9 +286,8 @@ async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
                     let _ = waiter.send(resp);
                 }
             }
-            if buf.capacity() - buf.len() < 64 * 1024 {
-                buf.reserve(256 * 1024);
-            }
+            let frame = wire::response_frame_len(&buf)?;
+            wire::reserve_frame(&mut buf, frame, 64 * 1024);
             if rd.read_buf(&mut buf).await? == 0 {
                 return Err(Error::new(ErrorKind::Disconnected, "replica closed the connection"));
             }

@@ -324,9 +324,8 @@ impl<B: Backend> ReplicaServer<B> {
                 Ok(None) => {}
                 Err(e) => break Err(e.into()),
             }
-            if buf.capacity() - buf.len() < 64 * 1024 {
-                buf.reserve(1024 * 1024);
-            }
+            let frame = wire::request_frame_len(&buf);
+            wire::reserve_frame(&mut buf, frame, 64 * 1024);
             match rd.read_buf(&mut buf).await {
                 Ok(0) => break Ok(()),
                 Ok(_) => {}
@@ -401,8 +400,7 @@ async fn write_responses<W: AsyncWrite + Unpin>(mut rx: mpsc::UnboundedReceiver<
             while let Some(resp) = next {
                 let mut header = BytesMut::with_capacity(wire::RESPONSE_LEN);
                 wire::encode_response_header(&resp, &mut header);
-                w.write_all(&header).await?;
-                w.write_all(&resp.payload).await?;
+                jiva_core::vectored::write_frame(&mut w, &header, &resp.payload).await?;
                 next = rx.try_recv().ok();
             }
             w.flush().await?;
