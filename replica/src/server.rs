@@ -30,7 +30,7 @@ use jiva_core::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc};
 
 /// Requests executed concurrently per connection.
@@ -143,6 +143,38 @@ impl<B: Backend> ReplicaServer<B> {
 
     pub fn backend(&self) -> &Arc<B> {
         &self.backend
+    }
+
+    /// Accepts connections on a Unix domain socket until `shutdown`
+    /// resolves (controllers on the same machine; see
+    /// [`jiva_core::remote::UNIX_PREFIX`]).
+    pub async fn serve_unix(
+        self: Arc<Self>,
+        listener: UnixListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            tracing::warn!("accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let server = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = server.handle_connection(stream).await {
+                            tracing::info!("controller connection (unix socket) ended: {e}");
+                        }
+                    });
+                }
+            }
+        }
     }
 
     /// Accepts connections until `shutdown` resolves.
