@@ -14,13 +14,13 @@
 //! On drop, the engine stops taking work, finishes what it has, and joins
 //! its thread.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -50,6 +50,7 @@ pub struct UringEngine {
 struct Shared {
     queue: Mutex<Queue>,
     eventfd: OwnedFd,
+    direct: DirectCache,
 }
 
 #[derive(Debug, Default)]
@@ -79,7 +80,8 @@ impl UringEngine {
         }
         // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let shared = Arc::new(Shared { queue: Mutex::new(Queue::default()), eventfd });
+        let shared =
+            Arc::new(Shared { queue: Mutex::new(Queue::default()), eventfd, direct: DirectCache::default() });
         let thread_shared = shared.clone();
         let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new().name("jiva-uring".into()).spawn(move || {
@@ -118,11 +120,12 @@ impl UringEngine {
         // to the ring thread (and, for buffered writes, which filesystems
         // such as ext4 cannot do without blocking, to an io-wq worker and
         // back); the rest go to the ring.
-        let batch = match read_cached(batch) {
+        let direct = |f: &Arc<File>| self.shared.direct.is_direct(f);
+        let batch = match read_cached(batch, direct) {
             Ok(outcome) => return outcome,
             Err(batch) => batch,
         };
-        let batch = match write_buffered(batch) {
+        let batch = match write_buffered(batch, direct) {
             Ok(outcome) => return outcome,
             Err(batch) => batch,
         };
@@ -145,11 +148,11 @@ impl UringEngine {
 /// Completes `batch` without blocking if it holds only reads that the page
 /// cache holds entirely (`preadv2` with `RWF_NOWAIT`); otherwise hands the
 /// batch back untouched for the ring.
-fn read_cached(mut batch: Batch) -> Result<Outcome, Batch> {
+fn read_cached(mut batch: Batch, direct: impl Fn(&Arc<File>) -> bool) -> Result<Outcome, Batch> {
     if !batch.iter().all(|r| matches!(r.action, Action::Read(_))) {
         return Err(batch);
     }
-    if batch.iter().any(|r| is_direct(&r.file)) {
+    if batch.iter().any(|r| direct(&r.file)) {
         // O_DIRECT reads never come from the page cache, and a NOWAIT one
         // would still wait for the device on this thread.
         return Err(batch);
@@ -176,6 +179,37 @@ fn read_cached(mut batch: Batch) -> Result<Outcome, Batch> {
         .collect())
 }
 
+/// Whether files were opened with O_DIRECT, remembered per file so that
+/// the inline paths cost no `fcntl` per request. Keyed by the address of
+/// the file's `Arc` allocation; the entry holds a `Weak` to it, which keeps
+/// that allocation (not the file) from being freed and its address reused
+/// by another file while the entry exists.
+#[derive(Debug, Default)]
+struct DirectCache {
+    files: Mutex<HashMap<usize, (Weak<File>, bool)>>,
+}
+
+impl DirectCache {
+    /// Entries beyond which closed files are pruned.
+    const PRUNE_AT: usize = 64;
+
+    fn is_direct(&self, file: &Arc<File>) -> bool {
+        let key = Arc::as_ptr(file) as usize;
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((weak, direct)) = files.get(&key)
+            && weak.as_ptr() == Arc::as_ptr(file)
+        {
+            return *direct;
+        }
+        let direct = is_direct(file);
+        if files.len() >= Self::PRUNE_AT {
+            files.retain(|_, (weak, _)| weak.strong_count() > 0);
+        }
+        files.insert(key, (Arc::downgrade(file), direct));
+        direct
+    }
+}
+
 /// Whether `file` was opened with O_DIRECT.
 fn is_direct(file: &File) -> bool {
     // SAFETY: fcntl(F_GETFL) on a descriptor we hold open.
@@ -196,7 +230,7 @@ fn is_direct(file: &File) -> bool {
 /// Such a write blocks only for dirty-page throttling (bounded pauses) or
 /// to read a partially overwritten page that is not cached; no I/O is in
 /// flight once this returns, so buffer ownership is not a concern.
-fn write_buffered(batch: Batch) -> Result<Outcome, Batch> {
+fn write_buffered(batch: Batch, direct: impl Fn(&Arc<File>) -> bool) -> Result<Outcome, Batch> {
     let mut total = 0;
     for r in &batch {
         match &r.action {
@@ -204,7 +238,7 @@ fn write_buffered(batch: Batch) -> Result<Outcome, Batch> {
             _ => return Err(batch),
         }
     }
-    if total > INLINE_WRITE_MAX || batch.iter().any(|r| is_direct(&r.file)) {
+    if total > INLINE_WRITE_MAX || batch.iter().any(|r| direct(&r.file)) {
         return Err(batch);
     }
     Ok(batch
@@ -627,19 +661,46 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let file = Arc::new(File::open(&path).unwrap());
         // In the page cache right after writing: served without the ring.
-        let inline =
-            read_cached(vec![Request::read(&file, 4096, 8192)]).expect("cached read completes inline");
+        let inline = read_cached(vec![Request::read(&file, 4096, 8192)], |f| is_direct(f))
+            .expect("cached read completes inline");
         assert_eq!(&inline[0].as_ref().unwrap().clone_buf()[..], &data[4096..12288]);
         // Mixed batches always go to the ring.
-        assert!(read_cached(vec![Request::read(&file, 0, 10), Request::fdatasync(&file)]).is_err());
+        assert!(
+            read_cached(vec![Request::read(&file, 0, 10), Request::fdatasync(&file)], |f| is_direct(f))
+                .is_err()
+        );
         // Evicted from the cache: NOWAIT refuses, and the ring reads it.
         file.sync_all().unwrap();
         // SAFETY: plain fadvise(2) on an open descriptor.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert!(read_cached(vec![Request::read(&file, 65536, 131072)]).is_err(), "evicted data read inline");
+        assert!(
+            read_cached(vec![Request::read(&file, 65536, 131072)], |f| is_direct(f)).is_err(),
+            "evicted data read inline"
+        );
         let engine = UringEngine::start().expect("io_uring available");
         let out = engine.run(vec![Request::read(&file, 65536, 131072)]).await;
         assert_eq!(&out.into_iter().next().unwrap().unwrap().into_buf()[..], &data[65536..196608]);
+    }
+
+    #[test]
+    fn direct_io_is_remembered_per_file() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let cache = DirectCache::default();
+        let (dir, file) = scratch_file();
+        assert!(!cache.is_direct(&file) && !cache.is_direct(&file));
+        let direct = File::options().read(true).custom_flags(libc::O_DIRECT).open(dir.path().join("f"));
+        // Some filesystems (tmpfs) refuse O_DIRECT.
+        if let Ok(direct) = direct {
+            let direct = Arc::new(direct);
+            assert!(cache.is_direct(&direct) && cache.is_direct(&direct));
+            assert!(!cache.is_direct(&file));
+        }
+        // Many short-lived files: dead entries are pruned, answers stay right.
+        for _ in 0..3 * DirectCache::PRUNE_AT {
+            let f = Arc::new(File::open(dir.path().join("f")).unwrap());
+            assert!(!cache.is_direct(&f));
+        }
+        assert!(cache.files.lock().unwrap().len() <= DirectCache::PRUNE_AT + 2);
     }
 
     #[tokio::test]
