@@ -38,6 +38,8 @@ const WAKE_TOKEN: u64 = u64::MAX;
 const MAX_CHUNK: usize = 1 << 30;
 /// Largest batch of buffered writes done on the caller's thread.
 const INLINE_WRITE_MAX: usize = 128 * 1024;
+/// Largest single buffered write handed to the kernel (see [`split_writes`]).
+const BUFFERED_WRITE_CHUNK: usize = 64 * 1024;
 
 /// See the module documentation.
 #[derive(Debug)]
@@ -129,6 +131,8 @@ impl UringEngine {
             Ok(outcome) => return outcome,
             Err(batch) => batch,
         };
+        let (batch, pieces) = split_writes(batch, direct);
+        let n_ops = batch.len();
         let (reply, rx) = oneshot::channel();
         let wake = {
             let mut queue = self.shared.lock();
@@ -141,8 +145,72 @@ impl UringEngine {
         if wake {
             self.shared.wake();
         }
-        rx.await.unwrap_or_else(|_| failed(n, "io_uring engine stopped"))
+        let outcome = rx.await.unwrap_or_else(|_| failed(n_ops, "io_uring engine stopped"));
+        match pieces {
+            None => outcome,
+            Some(pieces) => join_pieces(outcome, &pieces),
+        }
     }
+}
+
+/// Splits buffered writes longer than [`BUFFERED_WRITE_CHUNK`] into
+/// operations of that size (zero-copy slices of the payload), which the
+/// ring runs in parallel. Returns the new batch and, if anything was split,
+/// how many operations each original one became.
+///
+/// Why: the page cache sizes a new folio by the write that creates it, so
+/// 1 MiB writes leave 1 MiB folios behind, and every later 4 KiB write
+/// into one costs several times more CPU (about 28 us instead of 4 us per
+/// pwrite on ext4 here) and dirties, so writes back, the whole folio.
+fn split_writes(batch: Batch, direct: impl Fn(&Arc<File>) -> bool) -> (Batch, Option<Vec<usize>>) {
+    let long = |r: &Request| match &r.action {
+        Action::Write { data, .. } => data.len() > BUFFERED_WRITE_CHUNK && !direct(&r.file),
+        _ => false,
+    };
+    if !batch.iter().any(long) {
+        return (batch, None);
+    }
+    let mut out = Vec::with_capacity(batch.len());
+    let mut pieces = Vec::with_capacity(batch.len());
+    for req in batch {
+        if !long(&req) {
+            out.push(req);
+            pieces.push(1);
+            continue;
+        }
+        let Action::Write { data, dsync } = req.action else { unreachable!("checked above") };
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + BUFFERED_WRITE_CHUNK).min(data.len());
+            out.push(Request {
+                file: req.file.clone(),
+                offset: req.offset + at as u64,
+                action: Action::Write { data: data.slice(at..end), dsync },
+            });
+            at = end;
+        }
+        pieces.push(data.len().div_ceil(BUFFERED_WRITE_CHUNK));
+    }
+    (out, Some(pieces))
+}
+
+/// The outcome of the original batch from that of its split form: an
+/// operation failed if any of its pieces did.
+fn join_pieces(outcome: Outcome, pieces: &[usize]) -> Outcome {
+    let mut results = outcome.into_iter();
+    pieces
+        .iter()
+        .map(|&n| {
+            let mut joined = None;
+            for r in results.by_ref().take(n) {
+                joined = match (joined, r) {
+                    (Some(Err(e)), _) => Some(Err(e)),
+                    (_, r) => Some(r),
+                };
+            }
+            joined.unwrap_or_else(|| Err(io::Error::other("operation did not run")))
+        })
+        .collect()
 }
 
 /// Completes `batch` without blocking if it holds only reads that the page
@@ -247,7 +315,7 @@ fn write_buffered(batch: Batch, direct: impl Fn(&Arc<File>) -> bool) -> Result<O
             let Action::Write { data, .. } = &req.action else { unreachable!("checked above") };
             let mut done = 0;
             while done < data.len() {
-                let rest = &data[done..(done + MAX_CHUNK).min(data.len())];
+                let rest = &data[done..(done + BUFFERED_WRITE_CHUNK).min(data.len())];
                 // SAFETY: `rest` is a live, immutable slice for the duration
                 // of this synchronous call; the fd is open (we hold an Arc).
                 let n = unsafe {
@@ -671,15 +739,51 @@ mod tests {
         );
         // Evicted from the cache: NOWAIT refuses, and the ring reads it.
         file.sync_all().unwrap();
-        // SAFETY: plain fadvise(2) on an open descriptor.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert!(
-            read_cached(vec![Request::read(&file, 65536, 131072)], |f| is_direct(f)).is_err(),
-            "evicted data read inline"
-        );
+        // Eviction is best effort (a page briefly held elsewhere stays, e.g.
+        // while tests run in parallel): ask again a few times.
+        let evicted = (0..20).any(|_| {
+            // SAFETY: plain fadvise(2) on an open descriptor.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            let cached = read_cached(vec![Request::read(&file, 65536, 131072)], |f| is_direct(f)).is_ok();
+            if cached {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            !cached
+        });
+        assert!(evicted, "evicted data read inline");
         let engine = UringEngine::start().expect("io_uring available");
         let out = engine.run(vec![Request::read(&file, 65536, 131072)]).await;
         assert_eq!(&out.into_iter().next().unwrap().unwrap().into_buf()[..], &data[65536..196608]);
+    }
+
+    #[tokio::test]
+    async fn long_buffered_writes_are_split_and_joined() {
+        let engine = UringEngine::start().expect("io_uring available");
+        let (dir, file) = scratch_file();
+        let data = Bytes::from((0..=250u8).cycle().take(BUFFERED_WRITE_CHUNK * 5 + 100).collect::<Vec<u8>>());
+        let small = Bytes::from(vec![9u8; 10]);
+        let batch = vec![Request::write(&file, 4096, data.clone()), Request::write(&file, 0, small.clone())];
+        let (split, pieces) = split_writes(batch, |_| false);
+        assert_eq!((split.len(), pieces), (7, Some(vec![6, 1])));
+        let out = engine
+            .run(vec![Request::write(&file, 4096, data.clone()), Request::write(&file, 0, small.clone())])
+            .await;
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|r| r.is_ok()));
+        let on_disk = std::fs::read(dir.path().join("f")).unwrap();
+        assert_eq!(&on_disk[..10], &small[..]);
+        assert_eq!(&on_disk[4096..], &data[..]);
+        // A failed piece fails its operation only.
+        let joined = join_pieces(
+            vec![
+                Ok(Completion::Done),
+                Err(io::Error::other("x")),
+                Ok(Completion::Done),
+                Ok(Completion::Done),
+            ],
+            &[3, 1],
+        );
+        assert!(joined[0].is_err() && joined[1].is_ok());
     }
 
     #[test]
