@@ -9,11 +9,15 @@ use anyhow::Context;
 use jiva_core::size::ByteSize;
 use jiva_replica::server::{Faults, ReplicaServer};
 use jiva_replica::{EngineKind, Store, StoreOptions};
-use tokio::net::TcpListener;
+use std::os::unix::fs::FileTypeExt;
+
+use jiva_core::remote::UNIX_PREFIX;
+use tokio::net::{TcpListener, UnixListener};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Address to listen on for controllers (port 0 picks a free port).
+    /// Address to listen on for controllers (port 0 picks a free port), or
+    /// `unix:/path` for a Unix domain socket (controllers on this machine).
     #[arg(long, default_value = "127.0.0.1:9502")]
     listen: String,
     /// Directory holding this replica's data (created if missing).
@@ -53,9 +57,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("opening replica store in {}", args.dir.display()))?;
     let store = Arc::new(store);
-    let listener =
-        TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    let addr = listener.local_addr()?;
+    let listener = match args.listen.strip_prefix(UNIX_PREFIX) {
+        Some(path) => {
+            // A socket file left by a previous run of this replica (the
+            // store directory is ours alone) would make bind fail.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                std::fs::remove_file(path).with_context(|| format!("removing stale socket {path}"))?;
+            }
+            let l = UnixListener::bind(path).with_context(|| format!("listening on {}", args.listen))?;
+            Listener::Unix(l, args.listen.clone())
+        }
+        None => {
+            let l = TcpListener::bind(&args.listen)
+                .await
+                .with_context(|| format!("listening on {}", args.listen))?;
+            let addr = l.local_addr()?.to_string();
+            Listener::Tcp(l, addr)
+        }
+    };
+    let addr = match &listener {
+        Listener::Tcp(_, a) | Listener::Unix(_, a) => a.clone(),
+    };
     tracing::info!(dir = %args.dir.display(), size = %args.size, engine = %store.engine(), "replica serving on {addr}");
     // The first stdout line tells a supervisor (`jiva up`) where we listen.
     {
@@ -64,10 +86,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         out.flush()?;
     }
     let server = Arc::new(ReplicaServer::new(store.clone()).with_faults(faults));
-    server.serve(listener, crate::signals::terminated()).await?;
+    match listener {
+        Listener::Tcp(l, _) => server.serve(l, crate::signals::terminated()).await?,
+        Listener::Unix(l, _) => server.serve_unix(l, crate::signals::terminated()).await?,
+    }
     tracing::info!("stopping: flushing and closing the store");
     store.close().await.context("closing the store")?;
     Ok(())
+}
+
+enum Listener {
+    Tcp(TcpListener, String),
+    Unix(UnixListener, String),
 }
 
 struct Resolved {

@@ -3,8 +3,11 @@
 //! the NBD URI and the control API address, and stays in the foreground
 //! until Ctrl-C or SIGTERM, then stops the controller (which flushes) and
 //! the replicas (which close their stores cleanly). A replica process that
-//! dies is restarted on the same directory and port (ports are chosen once
-//! and kept in DIR/ports), so the controller reconnects and rebuilds it.
+//! dies is restarted on the same directory and address, so the controller
+//! reconnects and rebuilds it. The controller reaches each replica over a
+//! Unix domain socket in its directory (DIR/replica-K/replica.sock), or
+//! with `--tcp-replicas` (or a directory path too long for a socket) over
+//! loopback TCP on a port chosen once and kept in DIR/ports.
 //! Running it again with the same DIR reopens the volume.
 
 use std::path::PathBuf;
@@ -12,6 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use jiva_core::remote::UNIX_PREFIX;
 use jiva_core::size::ByteSize;
 use jiva_replica::EngineKind;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -58,7 +62,14 @@ pub struct Args {
     /// Also serve the volume as an iSCSI target on this address.
     #[arg(long, value_name = "ADDR")]
     iscsi: Option<String>,
+    /// Connect the controller to the replicas over loopback TCP instead of
+    /// Unix domain sockets.
+    #[arg(long)]
+    tcp_replicas: bool,
 }
+
+/// Longest socket path we use (`sun_path` holds 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 100;
 
 /// The replicas' listen addresses, chosen on the first run and kept in
 /// DIR/ports so that a restarted replica comes back where the controller
@@ -160,10 +171,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut replica_args = Vec::new();
     for (k, addr) in (1..=args.replicas).zip(&listen) {
         let dir = args.dir.join(format!("replica-{k}"));
+        // The controller is on this machine: a Unix domain socket costs far
+        // less per message than loopback TCP. TCP when the path is too long
+        // for a socket address.
+        let sock = std::path::absolute(dir.join("replica.sock"))?;
+        let addr = match sock.to_str() {
+            Some(p) if !args.tcp_replicas && p.len() < MAX_SOCKET_PATH => format!("{UNIX_PREFIX}{p}"),
+            _ => addr.clone(),
+        };
         let mut a = vec![
             "replica".to_string(),
             "--listen".into(),
-            addr.clone(),
+            addr,
             "--dir".into(),
             dir.display().to_string(),
             "--size".into(),

@@ -13,14 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::device::{BlockDevice, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::replica::{Connector, Replica};
+use crate::vectored;
 use crate::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
     SnapTarget, SnapshotEntry,
@@ -95,16 +95,47 @@ impl std::fmt::Debug for RemoteReplica {
     }
 }
 
-async fn open_stream(addr: &str, opts: &RemoteOptions) -> Result<TcpStream> {
-    let stream = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| Error::new(ErrorKind::TimedOut, format!("connecting to replica {addr}")))?
-        .map_err(|e| Error::new(ErrorKind::Disconnected, format!("connecting to replica {addr}: {e}")))?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+/// Prefix of a replica address that names a Unix domain socket
+/// (`unix:/path`) instead of a TCP `host:port`: the same protocol, for a
+/// replica on the same machine, at a fraction of loopback TCP's cost per
+/// message.
+pub const UNIX_PREFIX: &str = "unix:";
+
+/// A connection to a replica.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
 }
 
-async fn handshake(stream: &mut TcpStream, hello: &Hello, opts: &RemoteOptions) -> Result<HelloReply> {
+async fn open_stream(addr: &str, opts: &RemoteOptions) -> Result<Stream> {
+    let connect = async {
+        match addr.strip_prefix(UNIX_PREFIX) {
+            Some(path) => UnixStream::connect(path).await.map(Stream::Unix),
+            None => {
+                let stream = TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                Ok(Stream::Tcp(stream))
+            }
+        }
+    };
+    tokio::time::timeout(opts.connect_timeout, connect)
+        .await
+        .map_err(|_| Error::new(ErrorKind::TimedOut, format!("connecting to replica {addr}")))?
+        .map_err(|e| Error::new(ErrorKind::Disconnected, format!("connecting to replica {addr}: {e}")))
+}
+
+async fn handshake(stream: &mut Stream, hello: &Hello, opts: &RemoteOptions) -> Result<HelloReply> {
+    match stream {
+        Stream::Tcp(s) => exchange_hello(s, hello, opts).await,
+        Stream::Unix(s) => exchange_hello(s, hello, opts).await,
+    }
+}
+
+async fn exchange_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    hello: &Hello,
+    opts: &RemoteOptions,
+) -> Result<HelloReply> {
     let exchange = async {
         let mut out = BytesMut::new();
         wire::encode_hello(hello, &mut out)?;
@@ -167,7 +198,6 @@ impl RemoteReplica {
                 format!("replica {addr} has size {} but the volume has {size}", reply.size),
             ));
         }
-        let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = Arc::new(Conn {
             tx,
@@ -175,8 +205,18 @@ impl RemoteReplica {
             closed: AtomicBool::new(false),
             next_tag: AtomicU64::new(1),
         });
-        tokio::spawn(write_loop(conn.clone(), rx, wr));
-        tokio::spawn(read_loop(conn.clone(), rd));
+        match stream {
+            Stream::Tcp(s) => {
+                let (rd, wr) = s.into_split();
+                tokio::spawn(write_loop(conn.clone(), rx, wr));
+                tokio::spawn(read_loop(conn.clone(), rd));
+            }
+            Stream::Unix(s) => {
+                let (rd, wr) = s.into_split();
+                tokio::spawn(write_loop(conn.clone(), rx, wr));
+                tokio::spawn(read_loop(conn.clone(), rd));
+            }
+        }
         Ok(RemoteReplica { addr: addr.to_string(), size, epoch, meta: reply.meta, opts, conn })
     }
 
@@ -263,16 +303,17 @@ impl RemoteReplica {
     }
 }
 
-async fn write_loop(conn: Arc<Conn>, mut rx: mpsc::UnboundedReceiver<Outgoing>, wr: OwnedWriteHalf) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    conn: Arc<Conn>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    wr: W,
+) {
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
     let result: std::io::Result<()> = async {
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
             while let Some(msg) = next {
-                w.write_all(&msg.header).await?;
-                if !msg.data.is_empty() {
-                    w.write_all(&msg.data).await?;
-                }
+                vectored::write_frame(&mut w, &msg.header, &msg.data).await?;
                 next = rx.try_recv().ok();
             }
             w.flush().await?;
@@ -287,7 +328,7 @@ async fn write_loop(conn: Arc<Conn>, mut rx: mpsc::UnboundedReceiver<Outgoing>, 
     let _ = w.into_inner().shutdown().await;
 }
 
-async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
+async fn read_loop<R: AsyncRead + Unpin>(conn: Arc<Conn>, mut rd: R) {
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let result: Result<()> = async {
         loop {
@@ -297,9 +338,8 @@ async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
                     let _ = waiter.send(resp);
                 }
             }
-            if buf.capacity() - buf.len() < 64 * 1024 {
-                buf.reserve(256 * 1024);
-            }
+            let frame = wire::response_frame_len(&buf)?;
+            wire::reserve_frame(&mut buf, frame, 64 * 1024);
             if rd.read_buf(&mut buf).await? == 0 {
                 return Err(Error::new(ErrorKind::Disconnected, "replica closed the connection"));
             }

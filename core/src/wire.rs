@@ -532,6 +532,46 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<Request>, WireError> 
     Ok(Some(req))
 }
 
+/// Total length (header and payload) of the response at the front of
+/// `buf`, once its header is there. Lets a reader make room for a large
+/// payload once instead of growing its buffer piecewise. Checks only the
+/// length; [`decode_response`] checks the rest.
+pub fn response_frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    let Some(hdr) = peek::<ResponseHeader>(buf) else { return Ok(None) };
+    let length = hdr.length.get();
+    if length > MAX_RESPONSE_PAYLOAD {
+        return Err(WireError::TooLarge(u64::from(length)));
+    }
+    Ok(Some(RESPONSE_LEN + length as usize))
+}
+
+/// Total length (header and payload) of the request at the front of `buf`,
+/// once its header is there and if it is plausible (see
+/// [`response_frame_len`]); `None` otherwise ([`decode_request`] reports
+/// malformed headers).
+pub fn request_frame_len(buf: &[u8]) -> Option<usize> {
+    let hdr = peek::<RequestHeader>(buf)?;
+    let opcode = Opcode::from_u8(hdr.opcode)?;
+    let length = hdr.length.get();
+    (has_payload(opcode) && length <= u64::from(MAX_IO_BYTES)).then(|| REQUEST_LEN + length as usize)
+}
+
+/// Makes room in `buf` for the whole frame of `frame` bytes that starts
+/// at its front, in one step: a large payload is then received straight
+/// into place, never copied again as the buffer grows. Otherwise keeps
+/// at least `min_spare` bytes free for the next read.
+pub fn reserve_frame(buf: &mut BytesMut, frame: Option<usize>, min_spare: usize) {
+    let need = frame.unwrap_or(0).saturating_sub(buf.len()).max(min_spare);
+    if buf.capacity() - buf.len() < need {
+        // A fresh buffer instead of `reserve`: the old one is usually still
+        // shared with payloads handed out, so reserving would copy anyway,
+        // and this way the copy is only the partial frame, once.
+        let mut fresh = BytesMut::with_capacity((buf.len() + need).max(4 * min_spare));
+        fresh.extend_from_slice(buf);
+        *buf = fresh;
+    }
+}
+
 pub fn encode_response_header(r: &Response, out: &mut BytesMut) {
     let hdr = ResponseHeader {
         magic: RESPONSE_MAGIC.into(),

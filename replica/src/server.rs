@@ -32,7 +32,7 @@ use jiva_core::wire::{
     SnapshotEntry,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc};
 
 /// Requests executed concurrently per connection.
@@ -178,6 +178,38 @@ impl<B: Backend> ReplicaServer<B> {
 
     pub fn backend(&self) -> &Arc<B> {
         &self.backend
+    }
+
+    /// Accepts connections on a Unix domain socket until `shutdown`
+    /// resolves (controllers on the same machine; see
+    /// [`jiva_core::remote::UNIX_PREFIX`]).
+    pub async fn serve_unix(
+        self: Arc<Self>,
+        listener: UnixListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            tracing::warn!("accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let server = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = server.handle_connection(stream).await {
+                            tracing::info!("controller connection (unix socket) ended: {e}");
+                        }
+                    });
+                }
+            }
+        }
     }
 
     /// Accepts connections until `shutdown` resolves.
@@ -340,9 +372,8 @@ impl<B: Backend> ReplicaServer<B> {
                 Ok(None) => match receive_large(&mut rd, &mut buf).await {
                     Ok(Some(req)) => req,
                     Ok(None) => {
-                        if buf.capacity() - buf.len() < 64 * 1024 {
-                            buf.reserve(1024 * 1024);
-                        }
+                        let frame = wire::request_frame_len(&buf);
+                        wire::reserve_frame(&mut buf, frame, 64 * 1024);
                         match rd.read_buf(&mut buf).await {
                             Ok(0) => break Ok(()),
                             Ok(_) => continue,
@@ -499,8 +530,7 @@ async fn write_responses<W: AsyncWrite + Unpin>(mut rx: mpsc::UnboundedReceiver<
             while let Some(resp) = next {
                 let mut header = BytesMut::with_capacity(wire::RESPONSE_LEN);
                 wire::encode_response_header(&resp, &mut header);
-                w.write_all(&header).await?;
-                w.write_all(&resp.payload).await?;
+                jiva_core::vectored::write_frame(&mut w, &header, &resp.payload).await?;
                 next = rx.try_recv().ok();
             }
             w.flush().await?;

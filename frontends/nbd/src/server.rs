@@ -688,10 +688,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     while let Some(mut msg) = rx.recv().await {
         loop {
-            wr.write_all(&msg.head).await?;
-            if let Some(data) = &msg.data {
-                wr.write_all(data).await?;
-            }
+            let data = msg.data.as_deref().unwrap_or_default();
+            jiva_core::vectored::write_frame(&mut wr, &msg.head, data).await?;
             drop(msg);
             match rx.try_recv() {
                 Ok(queued) => msg = queued,
@@ -744,8 +742,16 @@ where
     if req.command == CMD_WRITE {
         if req.length <= MAX_IO_BYTES {
             buffer = acquire_bytes(&limits.buffers, req.length).await;
-            let mut data = BytesMut::zeroed(req.length as usize);
-            rd.read_exact(&mut data).await?;
+            // Received into uninitialised capacity: no zeroing of a buffer
+            // about to be overwritten.
+            let len = req.length as usize;
+            let mut data = BytesMut::with_capacity(len);
+            while data.len() < len {
+                let rest = len - data.len();
+                if rd.read_buf(&mut bytes::BufMut::limit(&mut data, rest)).await? == 0 {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                }
+            }
             payload = Some(data.freeze());
         } else if req.length <= MAX_SKIPPED_WRITE {
             skip(rd, u64::from(req.length)).await?;

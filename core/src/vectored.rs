@@ -1,0 +1,57 @@
+//! Writing a frame (a header and a payload in separate buffers) to a
+//! stream without first copying them together.
+
+use std::io::{self, IoSlice};
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// Writes `head` then `data` with vectored writes. Behind a
+/// [`tokio::io::BufWriter`], small frames are gathered in its buffer and
+/// large ones go to the stream in one `writev` each (head and payload
+/// together, the payload never copied in user space).
+pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    head: &[u8],
+    data: &[u8],
+) -> io::Result<()> {
+    let (mut head, mut data) = (head, data);
+    while !head.is_empty() || !data.is_empty() {
+        let n = if head.is_empty() {
+            w.write(data).await?
+        } else {
+            w.write_vectored(&[IoSlice::new(head), IoSlice::new(data)]).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        data = &data[n - from_head..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_frame;
+
+    #[tokio::test]
+    async fn frames_arrive_whole_through_short_writes() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+        // A duplex pipe with a small buffer forces partial writes.
+        let (mut a, mut b) = tokio::io::duplex(1000);
+        let expect = [&b"head"[..], &data[..]].concat();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut b, &mut got).await.unwrap();
+            got
+        });
+        let mut w = tokio::io::BufWriter::with_capacity(4096, &mut a);
+        write_frame(&mut w, b"head", &data).await.unwrap();
+        write_frame(&mut w, b"", b"").await.unwrap();
+        tokio::io::AsyncWriteExt::flush(&mut w).await.unwrap();
+        drop(w);
+        drop(a);
+        assert_eq!(reader.await.unwrap(), expect);
+    }
+}
