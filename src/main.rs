@@ -3,13 +3,16 @@
 //! over replicas and presents it through NBD, and `jiva up` starts a
 //! complete local volume (N replicas and a controller) in one command.
 //! `jiva volume status` and `jiva replica ls|add|rm` drive a running
-//! controller through its HTTP API.
+//! controller through its HTTP API. `jiva tcmu` serves LIO backstores
+//! `user:jiva` (targetcli) from volumes, as a TCMU handler.
 
 mod api;
 mod cli;
 mod controller;
 mod replica;
 mod signals;
+#[cfg(feature = "tcmu")]
+mod tcmu;
 mod up;
 
 use std::process::ExitCode;
@@ -40,6 +43,10 @@ enum Command {
     Controller(controller::Args),
     /// Start a local volume: N replica processes and a controller.
     Up(up::Args),
+    /// Serve LIO backstores `user:jiva` (targetcli) from volumes: the TCMU
+    /// handler (`jiva tcmu [serve]`), or list devices and check cfgstrings.
+    #[cfg(feature = "tcmu")]
+    Tcmu(tcmu::TcmuCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -96,6 +103,8 @@ fn main() -> ExitCode {
             Command::Volume(cmd) => cli::volume(cmd).await,
             Command::Controller(args) => controller::run(args).await,
             Command::Up(args) => up::run(args).await,
+            #[cfg(feature = "tcmu")]
+            Command::Tcmu(cmd) => tcmu::run(cmd).await,
         }
     });
     match result {
