@@ -73,7 +73,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn ls(args: LsArgs) -> anyhow::Result<()> {
-    let devices: Vec<_> = uio::list().context("listing /sys/class/uio")?.into_iter().filter(|e| e.name.subtype == SUBTYPE).collect();
+    let devices: Vec<_> = uio::list()
+        .context("listing /sys/class/uio")?
+        .into_iter()
+        .filter(|e| e.name.subtype == SUBTYPE)
+        .collect();
     let size = |n: &UioName| Backstore::new(n).size().ok();
     if args.json {
         let v: Vec<_> = devices

@@ -154,7 +154,8 @@ mod tests {
         assert_eq!(n.cfgstring, "vol1@127.0.0.1/10810");
         assert_eq!(n.configfs_dir(), "/sys/kernel/config/target/core/user_3/vol1");
         assert_eq!(UioName::parse("tcm-user/0/d/file").unwrap().cfgstring, "");
-        for bad in ["uio_pci/0/a/b/c", "tcm-user/x/d/jiva/c", "tcm-user/1//jiva/c", "tcm-user/1/d", "tcm-user/1/d/"]
+        for bad in
+            ["uio_pci/0/a/b/c", "tcm-user/x/d/jiva/c", "tcm-user/1//jiva/c", "tcm-user/1/d", "tcm-user/1/d/"]
         {
             assert_eq!(UioName::parse(bad), None, "{bad}");
         }

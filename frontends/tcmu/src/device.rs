@@ -101,7 +101,8 @@ pub async fn run<D: BlockDevice, B: Doorbell>(
             for entry in ring.poll()? {
                 match entry {
                     Entry::Command(cmd) => {
-                        let data_out = if is_read(&cmd.cdb) { Bytes::new() } else { Bytes::from(ring.gather(&cmd.iov)) };
+                        let data_out =
+                            if is_read(&cmd.cdb) { Bytes::new() } else { Bytes::from(ring.gather(&cmd.iov)) };
                         let (lu, nexus) = (Arc::clone(&lu), nexus.clone());
                         running.push(async move {
                             let out = lu.execute(&nexus, &cmd.cdb, data_out).await;

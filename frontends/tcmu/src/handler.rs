@@ -29,9 +29,9 @@ use crate::uio::{self, Backstore, Uio};
 /// What keeps the daemon from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("TCMU netlink: {0}")]
+    #[error("TCMU netlink")]
     Netlink(#[from] io::Error),
-    #[error("D-Bus: {0}")]
+    #[error("D-Bus registration")]
     Dbus(#[from] zbus::Error),
 }
 
@@ -78,7 +78,11 @@ async fn attach(minor: u32, name: &UioName, reattach: bool) -> Result<Attached, 
     if vol.size() != size {
         return Err(refuse(
             libc::EINVAL,
-            format!("the backstore has {size} bytes but {target} has {}: create it with size={}", vol.size(), vol.size()),
+            format!(
+                "the backstore has {size} bytes but {target} has {}: create it with size={}",
+                vol.size(),
+                vol.size()
+            ),
         ));
     }
     if reattach {
@@ -164,7 +168,11 @@ impl Devices {
                 if let Some(s) = size
                     && *s != a.size
                 {
-                    tracing::error!("{}: cannot resize to {s}: the volume has {} bytes", a.name.device, a.size);
+                    tracing::error!(
+                        "{}: cannot resize to {s}: the volume has {} bytes",
+                        a.name.device,
+                        a.size
+                    );
                     return Some(-libc::EINVAL);
                 }
                 if let Some(c) = config {
@@ -185,7 +193,10 @@ impl Devices {
                     }
                 }
                 if let Some(wc) = write_cache {
-                    tracing::info!("{}: write cache set to {wc} (writes are acknowledged by the volume's rules)", a.name.device);
+                    tracing::info!(
+                        "{}: write cache set to {wc} (writes are acknowledged by the volume's rules)",
+                        a.name.device
+                    );
                 }
                 0
             }
@@ -224,7 +235,11 @@ impl Devices {
 
 /// Runs the handler until `shutdown` resolves. `ready` is called once the
 /// handler listens to the kernel, is registered and has reattached.
-pub async fn run(opts: Options, ready: impl FnOnce(usize), shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(
+    opts: Options,
+    ready: impl FnOnce(usize),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let mut nl = Netlink::open().await?;
     nl.set_reply_supported(true).await?;
     let bus = if opts.no_dbus {

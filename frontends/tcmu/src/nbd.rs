@@ -77,36 +77,36 @@ fn proto_err(what: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Protocol, what.to_string())
 }
 
-fn io_err(target: &VolumeRef, e: std::io::Error) -> Error {
-    Error::new(ErrorKind::Disconnected, format!("{target}: {e}"))
+fn io_err(e: std::io::Error) -> Error {
+    Error::new(ErrorKind::Disconnected, e.to_string())
 }
 
 /// Connects and negotiates the export; returns the stream and the export.
 async fn handshake(target: &VolumeRef) -> Result<(TcpStream, Export)> {
     let run = async {
-        let mut s = TcpStream::connect(target.address()).await.map_err(|e| io_err(target, e))?;
-        s.set_nodelay(true).map_err(|e| io_err(target, e))?;
+        let mut s = TcpStream::connect(target.address()).await.map_err(io_err)?;
+        s.set_nodelay(true).map_err(io_err)?;
         let mut greeting = [0u8; proto::ServerGreeting::LEN];
-        s.read_exact(&mut greeting).await.map_err(|e| io_err(target, e))?;
+        s.read_exact(&mut greeting).await.map_err(io_err)?;
         let greeting = proto::ServerGreeting::parse(&greeting).map_err(proto_err)?;
         if greeting.handshake_flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(proto_err(format!("{target}: server does not speak fixed newstyle NBD")));
+            return Err(proto_err("the server does not speak fixed newstyle NBD"));
         }
         let no_zeroes = greeting.handshake_flags & proto::FLAG_NO_ZEROES != 0;
         let flags = proto::ClientFlags { fixed_newstyle: true, no_zeroes };
-        s.write_all(&flags.encode()).await.map_err(|e| io_err(target, e))?;
+        s.write_all(&flags.encode()).await.map_err(io_err)?;
         let go = NbdOption::Go(InfoRequest { export: target.volume.clone(), requests: vec![] });
-        s.write_all(&go.encode()).await.map_err(|e| io_err(target, e))?;
+        s.write_all(&go.encode()).await.map_err(io_err)?;
         let mut export = None;
         loop {
             let mut hdr = [0u8; OptionReplyHeader::LEN];
-            s.read_exact(&mut hdr).await.map_err(|e| io_err(target, e))?;
+            s.read_exact(&mut hdr).await.map_err(io_err)?;
             let hdr = OptionReplyHeader::parse(&hdr).map_err(proto_err)?;
             if hdr.length > MAX_OPTION_REPLY {
-                return Err(proto_err(format!("{target}: option reply of {} bytes", hdr.length)));
+                return Err(proto_err(format!("option reply of {} bytes", hdr.length)));
             }
             let mut payload = vec![0u8; hdr.length as usize];
-            s.read_exact(&mut payload).await.map_err(|e| io_err(target, e))?;
+            s.read_exact(&mut payload).await.map_err(io_err)?;
             match OptionReply::parse(hdr.reply_type, &payload).map_err(proto_err)? {
                 OptionReply::Info(InfoReply::Export { size, transmission_flags }) => {
                     export = Some(Export { size, flags: transmission_flags });
@@ -119,17 +119,17 @@ async fn handshake(target: &VolumeRef) -> Result<(TcpStream, Export)> {
                         ErrorKind::Protocol
                     };
                     let why = if message.is_empty() { format!("error {reply_type:#x}") } else { message };
-                    return Err(Error::new(kind, format!("{target}: the server refused the export: {why}")));
+                    return Err(Error::new(kind, format!("the server refused the export: {why}")));
                 }
                 _ => {}
             }
         }
-        let export = export.ok_or_else(|| proto_err(format!("{target}: the server sent no export size")))?;
+        let export = export.ok_or_else(|| proto_err("the server sent no export size"))?;
         Ok((s, export))
     };
     tokio::time::timeout(CONNECT_TIMEOUT, run)
         .await
-        .map_err(|_| Error::new(ErrorKind::TimedOut, format!("{target}: no answer within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|_| Error::new(ErrorKind::TimedOut, format!("no answer within {CONNECT_TIMEOUT:?}")))?
 }
 
 /// Reads replies until the connection ends; then fails what is in flight
@@ -144,14 +144,16 @@ async fn read_replies(mut r: OwnedReadHalf, pending: Arc<Mutex<Option<HashMap<u6
             Ok(reply) => reply,
             Err(e) => break format!("bad reply: {e}"),
         };
-        let waiter = pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|m| m.remove(&reply.cookie));
+        let waiter =
+            pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|m| m.remove(&reply.cookie));
         let Some(waiter) = waiter else { break format!("reply to unknown cookie {}", reply.cookie) };
         let result = if reply.error != 0 {
             Err(error_for(reply.error))
         } else if waiter.read_len > 0 {
             let mut buf = BytesMut::zeroed(waiter.read_len);
             if let Err(e) = r.read_exact(&mut buf).await {
-                let _ = waiter.tx.send(Err(Error::new(ErrorKind::Disconnected, format!("connection lost: {e}"))));
+                let _ =
+                    waiter.tx.send(Err(Error::new(ErrorKind::Disconnected, format!("connection lost: {e}"))));
                 break format!("connection lost: {e}");
             }
             Ok(buf.freeze())
@@ -183,7 +185,8 @@ impl NbdVolume {
     /// Connects to `target` and negotiates its export.
     pub async fn connect(target: VolumeRef) -> Result<NbdVolume> {
         let (stream, export) = handshake(&target).await?;
-        let vol = NbdVolume { target, export, conn: tokio::sync::Mutex::new(None), cookie: AtomicU64::new(1) };
+        let vol =
+            NbdVolume { target, export, conn: tokio::sync::Mutex::new(None), cookie: AtomicU64::new(1) };
         *vol.conn.lock().await = Some(Arc::new(Self::start(stream)));
         Ok(vol)
     }
@@ -219,7 +222,9 @@ impl NbdVolume {
         {
             return Ok(Arc::clone(c));
         }
-        let (stream, export) = handshake(&self.target).await?;
+        let (stream, export) = handshake(&self.target)
+            .await
+            .map_err(|e| Error::new(e.kind(), format!("{}: {e}", self.target)))?;
         if export.size != self.export.size {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -232,7 +237,14 @@ impl NbdVolume {
         Ok(c)
     }
 
-    async fn request(&self, command: u16, flags: u16, offset: u64, length: u32, payload: &[u8]) -> Result<Bytes> {
+    async fn request(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<Bytes> {
         let conn = self.conn().await?;
         let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -257,10 +269,11 @@ impl NbdVolume {
             if let Err(e) = sent.await {
                 // The reader sees the broken socket too and fails the rest.
                 let _ = w.shutdown().await;
-                return Err(io_err(&self.target, e));
+                return Err(Error::new(ErrorKind::Disconnected, format!("{}: {e}", self.target)));
             }
         }
-        rx.await.map_err(|_| Error::new(ErrorKind::Disconnected, format!("{}: connection lost", self.target)))?
+        rx.await
+            .map_err(|_| Error::new(ErrorKind::Disconnected, format!("{}: connection lost", self.target)))?
     }
 
     fn has(&self, flag: u16) -> bool {
@@ -269,7 +282,8 @@ impl NbdVolume {
 }
 
 fn len32(len: u64) -> Result<u32> {
-    u32::try_from(len).map_err(|_| Error::new(ErrorKind::InvalidArgument, format!("{len} bytes in one request")))
+    u32::try_from(len)
+        .map_err(|_| Error::new(ErrorKind::InvalidArgument, format!("{len} bytes in one request")))
 }
 
 impl BlockDevice for NbdVolume {

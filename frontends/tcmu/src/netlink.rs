@@ -150,7 +150,11 @@ pub enum EventKind {
     Added,
     Removed,
     /// New config string, size or write-cache setting (each optional).
-    Reconfig { config: Option<String>, size: Option<u64>, write_cache: Option<u8> },
+    Reconfig {
+        config: Option<String>,
+        size: Option<u64>,
+        write_cache: Option<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -191,7 +195,9 @@ pub fn parse_events(buf: &[u8], family: u16) -> Vec<Event> {
                 TCMU_ATTR_MINOR => minor = u32_at(p, 0),
                 TCMU_ATTR_DEVICE_ID => dev_id = u32_at(p, 0),
                 TCMU_ATTR_DEV_CFG => config = Some(string(p)),
-                TCMU_ATTR_DEV_SIZE => size = p.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_ne_bytes),
+                TCMU_ATTR_DEV_SIZE => {
+                    size = p.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_ne_bytes)
+                }
                 TCMU_ATTR_WRITECACHE => write_cache = p.first().copied(),
                 _ => {}
             }
@@ -464,10 +470,13 @@ mod tests {
     #[test]
     fn reply_layout_is_what_the_kernel_parses() {
         let ev = Event { kind: EventKind::Added, device: "x".into(), minor: 0, dev_id: 0x0102_0304 };
-        let m = encode(0x1a, NLM_F_REQUEST | NLM_F_ACK, 9, ev.done_cmd(), &[
-            Attr::I32(TCMU_ATTR_CMD_STATUS as u16, -22),
-            Attr::U32(TCMU_ATTR_DEVICE_ID as u16, ev.dev_id),
-        ]);
+        let m = encode(
+            0x1a,
+            NLM_F_REQUEST | NLM_F_ACK,
+            9,
+            ev.done_cmd(),
+            &[Attr::I32(TCMU_ATTR_CMD_STATUS as u16, -22), Attr::U32(TCMU_ATTR_DEVICE_ID as u16, ev.dev_id)],
+        );
         assert_eq!(m.len(), 16 + 4 + 8 + 8);
         let msgs = messages(&m);
         assert_eq!(msgs.len(), 1);
@@ -497,14 +506,21 @@ mod tests {
     fn parses_kernel_events() {
         let mut dgram = event_msg(0x1a, TCMU_CMD_ADDED_DEVICE, &[]);
         dgram.extend(event_msg(0x1b, TCMU_CMD_ADDED_DEVICE, &[])); // another family
-        dgram.extend(event_msg(0x1a, TCMU_CMD_RECONFIG_DEVICE, &[
-            attr_bytes(TCMU_ATTR_DEV_SIZE as u16, &(1u64 << 30).to_ne_bytes()),
-            attr_bytes(TCMU_ATTR_DEV_CFG as u16, b"jiva/w@h\0"),
-        ]));
+        dgram.extend(event_msg(
+            0x1a,
+            TCMU_CMD_RECONFIG_DEVICE,
+            &[
+                attr_bytes(TCMU_ATTR_DEV_SIZE as u16, &(1u64 << 30).to_ne_bytes()),
+                attr_bytes(TCMU_ATTR_DEV_CFG as u16, b"jiva/w@h\0"),
+            ],
+        ));
         dgram.extend(event_msg(0x1a, TCMU_CMD_REMOVED_DEVICE, &[]));
         let ev = parse_events(&dgram, 0x1a);
         assert_eq!(ev.len(), 3);
-        assert_eq!(ev[0], Event { kind: EventKind::Added, device: "tcm-user/1/d/jiva/v@h".into(), minor: 3, dev_id: 7 });
+        assert_eq!(
+            ev[0],
+            Event { kind: EventKind::Added, device: "tcm-user/1/d/jiva/v@h".into(), minor: 3, dev_id: 7 }
+        );
         assert_eq!(
             ev[1].kind,
             EventKind::Reconfig { config: Some("jiva/w@h".into()), size: Some(1 << 30), write_cache: None }

@@ -275,7 +275,11 @@ mod tests {
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(root.join("attrib")).unwrap();
         let bs = Backstore::at(root.clone());
-        fs::write(root.join("info"), "Status: ACTIVATED  Max Queue Depth: 0\n  Config: jiva/v@h Size: 268435456 MaxDataAreaMB: 1024\n").unwrap();
+        fs::write(
+            root.join("info"),
+            "Status: ACTIVATED  Max Queue Depth: 0\n  Config: jiva/v@h Size: 268435456 MaxDataAreaMB: 1024\n",
+        )
+        .unwrap();
         assert_eq!(bs.size().unwrap(), 268435456);
         fs::write(root.join("attrib/dev_size"), "1048576\n").unwrap();
         assert_eq!(bs.size().unwrap(), 1048576);

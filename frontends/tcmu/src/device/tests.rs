@@ -158,7 +158,7 @@ async fn many_commands_in_flight_with_split_iovecs() {
     let mut slots = Vec::new();
     for i in 0..N {
         let data = pattern(i, 4096);
-        let (a, b) = (DATA_OFF + i * 8192, DATA_OFF + i * 8192 + 4096);
+        let (a, b) = (DATA_OFF + i * 4096, DATA_OFF + i * 4096 + 2048);
         rig.fill(b, &data[..2048]);
         rig.fill(a, &data[2048..]);
         let iov = [(b as u64, 2048), (a as u64, 2048)];
@@ -173,7 +173,11 @@ async fn many_commands_in_flight_with_split_iovecs() {
     assert_eq!(ids, (100..100 + N as u16).collect::<Vec<_>>());
     assert!(slots.iter().all(|&s| rig.k.response(s).1 == 0), "every write GOOD");
     for i in 0..N {
-        assert_eq!(rig.dev.0.read(4096 * i as u64, 4096).await.unwrap()[..], pattern(i, 4096)[..], "block {i}");
+        assert_eq!(
+            rig.dev.0.read(4096 * i as u64, 4096).await.unwrap()[..],
+            pattern(i, 4096)[..],
+            "block {i}"
+        );
     }
     // Read everything back in one command into three uneven iovecs.
     let segs = [(DATA_OFF + 40_000, 10_000usize), (DATA_OFF + 100, 20_000), (DATA_OFF + 20_200, 2768)];
@@ -196,7 +200,7 @@ async fn many_commands_in_flight_with_split_iovecs() {
 
 #[tokio::test]
 async fn wraps_over_pad_entries_many_times() {
-    let rig = Rig::start();
+    let mut rig = Rig::start();
     // 4 KiB ring, 120-byte entries: the ring wraps (with a PAD) every ~34.
     for round in 0..20u16 {
         let mut slots = Vec::new();
@@ -217,7 +221,7 @@ async fn wraps_over_pad_entries_many_times() {
 
 #[tokio::test]
 async fn malformed_entries_fail_without_touching_memory() {
-    let rig = Rig::start();
+    let mut rig = Rig::start();
     let before = rig.data(0, DATA_OFF);
     // A write whose iovec points into the mailbox, one past the map's end,
     // one with a length that wraps, then a good one.
@@ -248,7 +252,7 @@ async fn malformed_entries_fail_without_touching_memory() {
 
 #[tokio::test]
 async fn data_in_is_cut_and_the_rest_zeroed() {
-    let rig = Rig::start();
+    let mut rig = Rig::start();
     rig.fill(DATA_OFF, &[0xee; 4096]);
     // INQUIRY, allocation length 255, into a 4 KiB buffer of stale bytes.
     let slot = rig.k.command(1, &[0x12, 0, 0, 0, 255, 0], &[(DATA_OFF as u64, 4096)]);
@@ -259,7 +263,8 @@ async fn data_in_is_cut_and_the_rest_zeroed() {
     assert_eq!(&d[8..12], b"JIVA");
     assert!(d[255..].iter().all(|&b| b == 0), "stale data-area bytes were handed back");
     // READ CAPACITY(16) reports the volume: 2048 blocks of 512 bytes.
-    let slot = rig.k.command(2, &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], &[(DATA_OFF as u64, 32)]);
+    let slot =
+        rig.k.command(2, &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], &[(DATA_OFF as u64, 32)]);
     rig.settle().await;
     assert_eq!(rig.k.response(slot).1, 0);
     let d = rig.data(DATA_OFF, 12);
@@ -276,7 +281,7 @@ async fn data_in_is_cut_and_the_rest_zeroed() {
 
 #[tokio::test]
 async fn stop_answers_the_commands_in_flight() {
-    let rig = Rig::start();
+    let mut rig = Rig::start();
     rig.fill(DATA_OFF, &[0x22; 4096]);
     let slot = rig.k.command(5, &write10(0, 8), &[(DATA_OFF as u64, 4096)]);
     rig.bell.send(()).unwrap();
