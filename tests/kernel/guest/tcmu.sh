@@ -50,10 +50,10 @@ handler_start() {
     echo "==== $(date +%T) jiva tcmu" >>"$HLOG"
     (
         { set +ex; } 2>/dev/null
-        JIVA_LOG=${JIVA_LOG:-info} sh -c 'echo $$ >"$1"; shift; exec "$@"' kt-tcmu "$HS/pid" \
+        NO_COLOR=1 JIVA_LOG=${JIVA_LOG:-info} sh -c 'echo $$ >"$1"; shift; exec "$@"' kt-tcmu "$HS/pid" \
             "$KT_JIVA" tcmu >"$HS/stdout" 2>>"$HLOG" </dev/null
         echo $? >"$HS/rc.tmp" && mv "$HS/rc.tmp" "$HS/rc"
-    ) 2>>"$HLOG" &
+    ) >/dev/null 2>>"$HLOG" &   # not our stdout: callers use $(handler_start)
     local deadline=$(($(date +%s) + 60))
     until grep -q '^ready tcmu jiva' "$HS/stdout" 2>/dev/null; do
         if [ -e "$HS/rc" ]; then
@@ -161,6 +161,18 @@ disk_io() {
     "$KT_JIVA" tcmu ls --json | grep -q "\"cfgstring\": \"$CFG\"" || kt_fail "jiva tcmu ls does not list $CFG"
     [ "$(kt_devsize "$dev")" -eq "$(kt_bytes "$SIZE")" ] \
         || kt_fail "$dev has $(kt_devsize "$dev") bytes, expected $(kt_bytes "$SIZE")"
+    # Reconfiguration goes through the handler (netlink RECONFIG_DEVICE):
+    # a size other than the volume's is refused, the same size and a
+    # write-cache change are accepted.
+    local cfs
+    cfs=$(ls -d /sys/kernel/config/target/core/user_*/"$VOL")
+    if echo $(($(kt_bytes "$SIZE") * 2)) >"$cfs/attrib/dev_size"; then
+        kt_fail "the kernel took a dev_size the handler should have refused"
+    fi
+    [ "$(cat "$cfs/attrib/dev_size")" = "$(kt_bytes "$SIZE")" ] || kt_fail "dev_size changed"
+    grep -q "$VOL: cannot resize" "$HLOG" || kt_fail "the handler did not log the refused resize"
+    echo "$(kt_bytes "$SIZE")" >"$cfs/attrib/dev_size" || kt_fail "the same dev_size was refused"
+    echo 1 >"$cfs/attrib/emulate_write_cache" || kt_fail "emulate_write_cache=1 was refused"
     cat "/sys/block/${dev#/dev/}/device/vendor" "/sys/block/${dev#/dev/}/device/model" >&2
     mkfs_ext4 "$dev"
     m=$(kt_mount "$dev" tcmu)
