@@ -215,7 +215,7 @@ handler_restart() {
 release_one() {
     tcmu_ready
     rm -rf "$DIR2"
-    jiva_up "$VOL2" "$DIR2" "$SIZE2" 1 "$NBD_ADDR2"
+    jiva_up "$VOL2" "$DIR2" "$SIZE2" 1 "$NBD_ADDR2" --api 127.0.0.1:9511   # the first volume has 9500
     local d2 rc=0
     d2=$(export_lun "$VOL2" "$CFG2" "$SIZE2" 1)
     unexport_lun "$VOL"
