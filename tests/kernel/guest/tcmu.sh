@@ -10,7 +10,7 @@ SIZE=256M
 NBD_ADDR=127.0.0.1:10812
 CFG=$VOL@127.0.0.1/10812
 VOL2=tvol2
-DIR2=/tmp/kt-tcmu/data2
+DIR2=/tmp/kt-tcmu/other        # not data*: jiva_down matches on the dir prefix
 SIZE2=64M
 NBD_ADDR2=127.0.0.1:10813
 CFG2=$VOL2@127.0.0.1/10813
@@ -218,8 +218,12 @@ release_one() {
     jiva_up "$VOL2" "$DIR2" "$SIZE2" 1 "$NBD_ADDR2" --api 127.0.0.1:9511   # the first volume has 9500
     local d2 rc=0
     d2=$(export_lun "$VOL2" "$CFG2" "$SIZE2" 1)
+    local mark
+    mark=$(wc -l <"$HLOG")
     unexport_lun "$VOL"
-    kt_wait 30 "the handler to release $VOL" grep -q "$VOL: released" "$HLOG"
+    # Only log lines written since the LUN went (earlier restarts released it too).
+    released() { tail -n +$((mark + 1)) "$HLOG" | grep -q "$VOL: released"; }
+    kt_wait 30 "the handler to release $VOL" released
     handler_running || kt_fail "the handler died when a device was removed"
     local fout="$KT_OUT/logs/tcmu.fio-second.txt"
     timeout 600 fio --output="$fout" --filename="$d2" --do_verify=1 "${FIO_ARGS[@]/--size=32M/--size=16M}" || rc=$?
