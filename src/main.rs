@@ -4,6 +4,8 @@
 //! complete local volume (N replicas and a controller) in one command.
 //! `jiva volume status|clone`, `jiva replica ls|add|rm` and `jiva snapshot
 //! create|ls|rm|revert` drive a running controller through its HTTP API.
+//! `jiva tcmu` serves LIO backstores `user:jiva` (targetcli) from volumes,
+//! as a TCMU handler.
 
 mod api;
 mod cli;
@@ -11,6 +13,8 @@ mod clone;
 mod controller;
 mod replica;
 mod signals;
+#[cfg(feature = "tcmu")]
+mod tcmu;
 mod up;
 
 use std::process::ExitCode;
@@ -44,6 +48,10 @@ enum Command {
     Controller(controller::Args),
     /// Start a local volume: N replica processes and a controller.
     Up(up::Args),
+    /// Serve LIO backstores `user:jiva` (targetcli) from volumes: the TCMU
+    /// handler (`jiva tcmu [serve]`), or list devices and check cfgstrings.
+    #[cfg(feature = "tcmu")]
+    Tcmu(tcmu::TcmuCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -101,6 +109,8 @@ fn main() -> ExitCode {
             Command::Snapshot(cmd) => cli::snapshot(cmd).await,
             Command::Controller(args) => controller::run(args).await,
             Command::Up(args) => up::run(args).await,
+            #[cfg(feature = "tcmu")]
+            Command::Tcmu(cmd) => tcmu::run(cmd).await,
         }
     });
     match result {

@@ -11,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(linux-image-amd64 busybox-static nbd-client fio e2fsprogs kmod util-linux
-      cpio gzip coreutils open-iscsi)
+      cpio gzip coreutils open-iscsi targetcli-fb dbus-daemon)
 apt-get update
 if ! apt-get install -y qemu-system-x86 qemu-utils "${pkgs[@]}"; then
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")

@@ -49,7 +49,7 @@ kver=${kernel#/boot/vmlinuz-}
 initrd_modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
     netfs fscache 9pnet 9pnet_virtio 9p overlay"
 # Modules the cases need from the host root at run time.
-guest_modules="nbd sd_mod configfs"
+guest_modules="nbd sd_mod configfs target_core_user tcm_loop uio"
 for m in $initrd_modules $guest_modules; do
     modinfo -k "$kver" -n "$m" >/dev/null 2>&1 || missing_dep "kernel $kver has no module $m"
 done
@@ -64,7 +64,7 @@ for tool in cpio gzip modinfo timeout; do
 done
 # Tools the guest runs from the host root.
 for tool in bash nbd-client fio mkfs.ext4 fsck.ext4 blkdiscard modprobe ip sha256sum cmp dd du \
-    timeout mount umount mountpoint dmesg awk; do
+    timeout mount umount mountpoint dmesg awk targetcli dbus-daemon; do
     PATH=$PATH:/sbin:/usr/sbin command -v "$tool" >/dev/null || missing_dep "guest tool $tool not found"
 done
 fio --enghelp 2>/dev/null | grep -qw libaio || missing_dep "fio has no libaio engine"

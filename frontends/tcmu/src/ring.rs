@@ -388,4 +388,4 @@ pub fn cdb_length(opcode: u8, byte: impl Fn(usize) -> Option<u8>) -> Option<usiz
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

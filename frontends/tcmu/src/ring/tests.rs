@@ -5,19 +5,19 @@ use proptest::prelude::*;
 
 use super::*;
 
-const MAP_LEN: usize = 64 * 1024;
-const CMDR_OFF: u32 = 128;
-const CMDR_SIZE: u32 = 4096;
-const DATA_OFF: usize = (CMDR_OFF + CMDR_SIZE) as usize;
+pub(crate) const MAP_LEN: usize = 64 * 1024;
+pub(crate) const CMDR_OFF: u32 = 128;
+pub(crate) const CMDR_SIZE: u32 = 4096;
+pub(crate) const DATA_OFF: usize = (CMDR_OFF + CMDR_SIZE) as usize;
 
 /// A memfd mapping, unmapped on drop.
-struct Memfd {
+pub(crate) struct Memfd {
     base: *mut u8,
     len: usize,
 }
 
 impl Memfd {
-    fn new(len: usize) -> Memfd {
+    pub(crate) fn new(len: usize) -> Memfd {
         // SAFETY: plain memfd_create/ftruncate/mmap calls; results checked.
         unsafe {
             let fd = libc::memfd_create(c"tcmu-test".as_ptr(), 0);
@@ -37,7 +37,7 @@ impl Memfd {
         }
     }
 
-    fn map(&self) -> Map {
+    pub(crate) fn map(&self) -> Map {
         // SAFETY: the mapping outlives every Map made in a test (Memfd is
         // dropped last) and is read-write.
         unsafe { Map::new(self.base, self.len) }
@@ -52,13 +52,13 @@ impl Drop for Memfd {
 }
 
 /// Plays the kernel's side: appends entries at cmd_head.
-struct Kernel {
-    map: Map,
-    head: u32,
+pub(crate) struct Kernel {
+    pub(crate) map: Map,
+    pub(crate) head: u32,
 }
 
 impl Kernel {
-    fn new(mem: &Memfd) -> Kernel {
+    pub(crate) fn new(mem: &Memfd) -> Kernel {
         let map = mem.map();
         map.write(offset_of!(tcmu_mailbox, version), &(TCMU_MAILBOX_VERSION as u16).to_ne_bytes()).unwrap();
         map.write(offset_of!(tcmu_mailbox, cmdr_off), &CMDR_OFF.to_ne_bytes()).unwrap();
@@ -66,23 +66,23 @@ impl Kernel {
         Kernel { map, head: 0 }
     }
 
-    fn publish(&mut self, next: u32) {
+    pub(crate) fn publish(&mut self, next: u32) {
         self.head = next % CMDR_SIZE;
         self.map.write(offset_of!(tcmu_mailbox, cmd_head), &self.head.to_ne_bytes()).unwrap();
     }
 
-    fn entry_at(&self, at: u32) -> usize {
+    pub(crate) fn entry_at(&self, at: u32) -> usize {
         CMDR_OFF as usize + at as usize
     }
 
-    fn pad(&mut self, len: u32) {
+    pub(crate) fn pad(&mut self, len: u32) {
         let at = self.entry_at(self.head);
         self.map.write(at + HDR_LEN_OP, &(len | TCMU_OP_PAD).to_ne_bytes()).unwrap();
         self.publish(self.head + len);
     }
 
     /// Appends a command; wraps with a PAD if it does not fit before the end.
-    fn command(&mut self, cmd_id: u16, cdb: &[u8], iov: &[(u64, u64)]) -> u32 {
+    pub(crate) fn command(&mut self, cmd_id: u16, cdb: &[u8], iov: &[(u64, u64)]) -> u32 {
         let body = REQ_IOV + iov.len() * IOVEC_LEN + cdb.len();
         let len = (body.max(ENTRY_MIN) as u32).div_ceil(ENTRY_ALIGN) * ENTRY_ALIGN;
         if self.head + len > CMDR_SIZE {
@@ -106,11 +106,11 @@ impl Kernel {
         start
     }
 
-    fn tail(&self) -> u32 {
+    pub(crate) fn tail(&self) -> u32 {
         self.map.u32_at(offset_of!(tcmu_mailbox, cmd_tail)).unwrap()
     }
 
-    fn response(&self, at: u32) -> (u16, u8, Vec<u8>) {
+    pub(crate) fn response(&self, at: u32) -> (u16, u8, Vec<u8>) {
         let e = self.entry_at(at);
         let mut sense = vec![0u8; 18];
         self.map.read(e + RSP_SENSE, &mut sense).unwrap();
