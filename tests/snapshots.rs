@@ -123,3 +123,241 @@ fn snapshot_pattern_delete_revert_and_clone() {
     assert!(v.contains("s2"), "{v}");
     up.stop();
 }
+
+/// A replica or controller process, killed (SIGKILL) on drop.
+struct Proc {
+    child: std::process::Child,
+    /// Its first stdout line after the expected prefix.
+    line: String,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], prefix: &str) -> Proc {
+        use std::io::{BufRead, BufReader, Read};
+        let mut child = Command::new(JIVA)
+            .args(args)
+            .env("JIVA_LOG", std::env::var("JIVA_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn jiva");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        std::thread::spawn(move || out.read_to_end(&mut Vec::new()));
+        let Some(rest) = line.trim().strip_prefix(prefix) else {
+            let _ = child.kill();
+            panic!("{args:?} printed {line:?}, expected {prefix:?}");
+        };
+        Proc { line: rest.to_string(), child }
+    }
+
+    fn replica(dir: &std::path::Path, listen: &str) -> Proc {
+        Proc::spawn(
+            &["replica", "--listen", listen, "--dir", dir.to_str().unwrap(), "--size", SIZE],
+            "listening on ",
+        )
+    }
+
+    /// Returns the process, the NBD URI and the API address.
+    fn controller(replicas: &[&str]) -> (Proc, String, String) {
+        let mut args = vec!["controller", "--size", SIZE, "--nbd", "127.0.0.1:0", "--api", "127.0.0.1:0"];
+        args.extend(["--heartbeat-ms", "200", "--checkpoint-interval", "1", "--connect-timeout", "10"]);
+        for r in replicas {
+            args.extend(["--replica", r]);
+        }
+        let p = Proc::spawn(&args, "ready ");
+        let (uri, api) = p.line.split_once(" api ").expect("the controller prints its API address");
+        let (uri, api) = (uri.to_string(), api.trim_start_matches("http://").to_string());
+        (p, uri, api)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+const SIZE: &str = "32M";
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + 2 * MINUTE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn replica_json(api: &str, i: usize) -> Value {
+    jiva_json(api, &["volume", "status"])["replicas"][i].clone()
+}
+
+/// Waits until replica `i` is healthy after at least `rebuilds` rebuilds.
+fn wait_rebuilt(api: &str, i: usize, rebuilds: u64) {
+    wait_until(&format!("replica {i} rebuilt {rebuilds} time(s)"), || {
+        let r = replica_json(api, i);
+        r["state"] == "healthy" && r["rebuilds_completed"].as_u64() >= Some(rebuilds)
+    });
+}
+
+fn wait_merged(api: &str, name: &str) {
+    wait_until(&format!("{name} merged away"), || !names(api).iter().any(|n| n == name));
+}
+
+/// Every snapshot (name, creation time, kind) and the contents of each
+/// snapshot and of the head, read from the store in `dir` (its process stopped).
+fn store_contents(dir: &std::path::Path) -> Vec<(String, u64, bool, Vec<u8>)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use jiva_core::BlockDevice;
+        let size = 32u64 << 20;
+        let store =
+            jiva_replica::Store::open(dir, size, jiva_replica::StoreOptions::default()).await.unwrap();
+        store.wait_merge().await.unwrap();
+        let mut out = Vec::new();
+        for s in store.snapshots() {
+            let data = store.read_snapshot(&s.name, 0, size as usize).await.unwrap();
+            out.push((s.name, s.created_ms, s.system, data.to_vec()));
+        }
+        out.push(("(head)".into(), 0, false, store.read(0, size as usize).await.unwrap().to_vec()));
+        out
+    })
+}
+
+fn assert_same_stores(a: &std::path::Path, b: &std::path::Path) {
+    let (x, y) = (store_contents(a), store_contents(b));
+    let meta =
+        |v: &[(String, u64, bool, Vec<u8>)]| v.iter().map(|s| (s.0.clone(), s.1, s.2)).collect::<Vec<_>>();
+    assert_eq!(meta(&x), meta(&y), "the replicas hold different snapshots");
+    for (s, t) in x.iter().zip(&y) {
+        if let Some(block) = s.3.chunks(4096).zip(t.3.chunks(4096)).position(|(p, q)| p != q) {
+            panic!("{} differs between the replicas at block {block}", s.0);
+        }
+    }
+}
+
+#[test]
+fn rebuild_carries_snapshots() {
+    require("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let (d1, d2) = (tmp.path().join("r1"), tmp.path().join("r2"));
+    let r1 = Proc::replica(&d1, "127.0.0.1:0");
+    let mut r2 = Proc::replica(&d2, "127.0.0.1:0");
+    let port2 = r2.line.clone();
+    let (mut ctl, uri, api) = Proc::controller(&[&r1.line, &r2.line]);
+
+    qemu_io_ok(&uri, &[A]);
+    jiva_json(&api, &["snapshot", "create", "s1"]);
+    // A trim over s1's data leaves a ZERO record in the next layer.
+    qemu_io_ok(&uri, &[B, "discard 0 1M"]);
+    jiva_json(&api, &["snapshot", "create", "s2"]);
+    qemu_io_ok(&uri, &[C]);
+    jiva_json(&api, &["snapshot", "create", "s3"]);
+    qemu_io_ok(&uri, &["write -P 0xdd 10M 1M"]);
+
+    // Replica 2 misses a delete and a create: its chain diverges.
+    r2.kill9();
+    wait_until("replica 2 failed", || replica_json(&api, 1)["state"] == "failed");
+    jiva_json(&api, &["snapshot", "rm", "s2"]);
+    wait_merged(&api, "s2");
+    qemu_io_ok(&uri, &["write -P 0xee 12M 1M", "write -P 0xbb 20M 64k"]);
+    jiva_json(&api, &["snapshot", "create", "s4"]);
+    qemu_io_ok(&uri, &["write -P 0xff 24M 1M"]);
+    let mut r2 = Proc::replica(&d2, &port2);
+    wait_rebuilt(&api, 1, 1);
+    assert_eq!(replica_json(&api, 1)["last_rebuild"]["full"], true, "a changed chain needs the head in full");
+    assert_eq!(names(&api), ["s1", "s3", "s4"]);
+
+    // Snapshot operations work again once it is healthy (and a revert runs on both).
+    jiva_json(&api, &["snapshot", "create", "s5"]);
+
+    // A new, empty replica in its place gets every snapshot.
+    r2.kill9();
+    wait_until("replica 2 failed", || replica_json(&api, 1)["state"] == "failed");
+    std::fs::remove_dir_all(&d2).unwrap();
+    let r2 = Proc::replica(&d2, &port2);
+    wait_rebuilt(&api, 1, 2);
+
+    // The rebuilt replica serves the same: read through it alone.
+    run_ok(Command::new(JIVA).args(["replica", "rm", &r1.line, "--api", &api]), MINUTE);
+    qemu_io_ok(
+        &uri,
+        &[
+            "read -P 0 0 1M",
+            "read -P 0xcc 1M 2M",
+            "read -P 0xbb 3M 3M",
+            "read -P 0xdd 10M 1M",
+            "read -P 0xee 12M 1M",
+            "read -P 0xbb 20M 64k",
+            "read -P 0xff 24M 1M",
+        ],
+    );
+    ctl.kill9();
+    drop((r1, r2));
+    assert_same_stores(&d1, &d2);
+    let snaps = store_contents(&d2);
+    let names: Vec<&str> = snaps.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(names, ["s1", "s3", "s4", "s5", "(head)"]);
+    // s1 = A alone; s3 = C over B over A with the trim.
+    assert!(
+        snaps[0].3[..4 << 20].iter().all(|&b| b == 0xaa) && snaps[0].3[4 << 20..].iter().all(|&b| b == 0)
+    );
+    assert!(snaps[1].3[..1 << 20].iter().all(|&b| b == 0));
+    assert!(snaps[1].3[1 << 20..3 << 20].iter().all(|&b| b == 0xcc));
+    assert!(snaps[1].3[3 << 20..6 << 20].iter().all(|&b| b == 0xbb));
+}
+
+#[test]
+fn restarts_and_rebuilds_take_no_snapshots() {
+    require("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = tmp.path().join("vol");
+    let up = Up::start(&vol, SIZE, 3, &["--checkpoint-interval", "1"]);
+    let uri = format!("nbd://{}/vol", up.addr);
+    qemu_io_ok(&uri, &[A]);
+    jiva_json(&up.api, &["snapshot", "create", "s1"]);
+    qemu_io_ok(&uri, &[B]);
+    jiva_json(&up.api, &["snapshot", "create", "s2"]);
+    for cycle in 0..4u64 {
+        let i = (cycle % 3) as usize;
+        qemu_io_ok(&uri, &[&format!("write -P {} {}M 1M", cycle + 1, 8 + cycle)]);
+        let needle = format!("{}/replica-{} ", vol.display(), i + 1);
+        let pid = pid_of(&needle).unwrap_or_else(|| panic!("no process for {needle}"));
+        // SAFETY: kill(2) on a pid just looked up; at worst it is gone already.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        // `jiva up` restarts it; the controller rebuilds it.
+        let before = replica_json(&up.api, i)["rebuilds_completed"].as_u64().unwrap_or(0);
+        wait_rebuilt(&up.api, i, before + 1);
+        assert_eq!(names(&up.api), ["s1", "s2"], "cycle {cycle}");
+    }
+    up.stop();
+    let up = Up::start(&vol, SIZE, 3, &[]);
+    assert_eq!(names(&up.api), ["s1", "s2"]);
+    up.stop();
+    let replicas: Vec<_> = (1..=3).map(|k| vol.join(format!("replica-{k}"))).collect();
+    for r in &replicas[1..] {
+        assert_same_stores(&replicas[0], r);
+    }
+    assert_eq!(store_contents(&replicas[0]).len(), 3, "two snapshots and the head");
+}
+
+/// Pid of the live replica process whose command line contains `needle`.
+fn pid_of(needle: &str) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) && cmd.contains(" replica ") {
+            return Some(pid);
+        }
+    }
+    None
+}
