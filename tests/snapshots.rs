@@ -10,8 +10,12 @@ use common::{JIVA, MINUTE, Up, require, run_ok, run_with_timeout};
 use serde_json::Value;
 
 fn qemu_io_ok(uri: &str, cmds: &[&str]) {
+    qemu_io_with(&["-f", "raw"], uri, cmds);
+}
+
+fn qemu_io_with(opts: &[&str], uri: &str, cmds: &[&str]) {
     let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
+    c.args(opts);
     for cmd in cmds {
         c.args(["-c", cmd]);
     }
@@ -102,18 +106,70 @@ fn snapshot_pattern_delete_revert_and_clone() {
     assert_eq!(names(&api), ["s2"]);
     qemu_io_ok(&uri, &["read -P 0xaa 0 1M", "read -P 0xcc 1M 2M", "read -P 0xbb 3M 3M"]);
 
-    // Revert needs the volume paused, and says so.
+    // Revert refuses while a client is attached, and says what to do.
+    let mut client = Command::new("qemu-io")
+        .args(["-f", "raw", &uri])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::{BufRead, Write};
+        let mut stdin = client.stdin.take().unwrap();
+        writeln!(stdin, "read 0 4k").unwrap();
+        let mut out = std::io::BufReader::new(client.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("bytes") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "qemu-io ended");
+        }
+        let out = jiva(&api, &["snapshot", "revert", "s2"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("1 NBD/iSCSI client(s) are attached") && err.contains("--pause"), "{err}");
+        // With --pause it goes ahead (the client must drop its cache).
+        let out = jiva(&api, &["snapshot", "revert", "s2", "--pause"]);
+        assert!(out.status.success(), "revert: {}", String::from_utf8_lossy(&out.stderr));
+        check_b_over_a(&uri);
+        writeln!(stdin, "quit").unwrap();
+    }
+    assert!(client.wait().unwrap().success());
+    // Without clients, a revert needs no --pause.
+    qemu_io_ok(&uri, &[C]);
     let out = jiva(&api, &["snapshot", "revert", "s2"]);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("pause"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = jiva(&api, &["snapshot", "revert", "s2", "--pause"]);
     assert!(out.status.success(), "revert: {}", String::from_utf8_lossy(&out.stderr));
     check_b_over_a(&uri);
     assert_eq!(names(&api), ["s2"]);
+
+    // The snapshot is exported read-only as vol@s2.
+    require("nbdinfo");
+    require("nbdsh");
+    require("qemu-img");
+    let snap_uri = format!("nbd://{}/vol@s2", up.addr);
+    let list = run_ok(Command::new("nbdinfo").args(["--list", &format!("nbd://{}", up.addr)]), MINUTE);
+    assert!(list.contains("export=\"vol@s2\""), "{list}");
+    assert!(list.contains("is_read_only: true"), "{list}");
+    let reads = ["read -P 0xaa 0 2M", "read -P 0xbb 2M 4M", "read -P 0 6M 10M"];
+    qemu_io_with(&["-r", "-f", "raw"], &snap_uri, &reads);
+    let map = run_ok(Command::new("nbdinfo").args(["--map", &snap_uri]), MINUTE);
+    let rows: Vec<Vec<&str>> = map.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows[0][..3], ["0", "6291456", "0"], "{map}");
+    assert_eq!(rows[1][..3], ["6291456", "10485760", "3"], "{map}");
+    // A write the client does not check itself first must get EPERM from the server.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let write = run_with_timeout(
+        Command::new("nbdsh")
+            .args(["-u", &snap_uri, "-c", "h.set_strict_mode(0)", "-c", "h.pwrite(b'x' * 4096, 0)"])
+            // libnbd's Python bindings come with the system's python3.
+            .env("PATH", path),
+        MINUTE,
+    );
+    let err = String::from_utf8_lossy(&write.stderr);
+    assert!(!write.status.success() && err.contains("command failed: Operation not permitted"), "{err}");
+    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &snap_uri, &uri]), MINUTE);
+    let missing =
+        run_with_timeout(Command::new("nbdinfo").arg(format!("nbd://{}/vol@nope", up.addr)), MINUTE);
+    assert!(!missing.status.success());
     up.stop();
 
     // Both replicas hold the same data after a restart.

@@ -1509,7 +1509,10 @@ impl<C: Connector> Volume<C> {
 
     /// Makes the volume's contents those of snapshot `name` on every
     /// replica. The volume must be paused ([`Volume::pause`]): clients
-    /// would otherwise see their data change under them.
+    /// would otherwise see their data change under them. A rebuilding
+    /// replica reverts too: its snapshots were copied before it received
+    /// any write, so its new head is the same as the others' (the rest of
+    /// its rebuild then copies what is already equal).
     pub async fn snapshot_revert(&self, name: &str) -> Result<()> {
         if !self.is_paused() {
             return Err(Error::new(
@@ -1519,13 +1522,7 @@ impl<C: Connector> Volume<C> {
             )
             .with_op(Op::Snapshot));
         }
-        if self.members_snapshot().iter().any(|m| m.state() == ReplicaState::Rebuilding) {
-            return Err(Error::new(
-                ErrorKind::Unavailable,
-                "a replica is rebuilding; revert once it is healthy",
-            )
-            .with_op(Op::Snapshot));
-        }
+        let _ops = self.snapshot_ops()?;
         let _fence = self.writes.lock(0, self.size, true).await;
         self.wrote.store(true, Ordering::Relaxed);
         let targets = self.participants();
