@@ -1090,6 +1090,7 @@ impl<C: Connector> Volume<C> {
         };
         let common = theirs.iter().zip(&ours).take_while(|(a, b)| same(a, b)).count();
         if common == theirs.len() && common == ours.len() {
+            self.follow_deletes(link, &theirs, &ours).await;
             return Ok(false);
         }
         tracing::info!(
@@ -1104,16 +1105,27 @@ impl<C: Connector> Volume<C> {
             link.create_snapshot(&snap.name, snap.system, snap.created_ms).await?;
             tracing::info!(replica = %m.addr, snapshot = %snap.name, copied, "snapshot copied");
         }
-        // A snapshot being deleted on the source is deleted here too (its
-        // merge into its child runs on each replica).
-        for snap in theirs.iter().filter(|s| s.merging) {
-            link.delete_snapshot(&snap.name).await?;
-        }
         let now = link.snapshots().await?;
         if now.len() != theirs.len() || !now.iter().zip(&theirs).all(|(a, b)| same(a, b)) {
             return Err(Error::new(ErrorKind::Unavailable, "the snapshots changed during the copy"));
         }
+        self.follow_deletes(link, &theirs, &now).await;
         Ok(true)
+    }
+
+    /// Starts deleting on the target (`ours`) the snapshot the source
+    /// (`theirs`, the same chain) is deleting, if the target is not. Each
+    /// replica merges on its own; the views stay the same meanwhile, so a
+    /// failure only leaves the snapshot listed on the target (logged).
+    async fn follow_deletes(&self, link: &C::Link, theirs: &[SnapshotEntry], ours: &[SnapshotEntry]) {
+        for (src, dst) in theirs.iter().zip(ours) {
+            if src.merging
+                && !dst.merging
+                && let Err(e) = link.delete_snapshot(&src.name).await
+            {
+                tracing::warn!(volume = %self.name, snapshot = %src.name, "cannot delete the snapshot on a returning replica: {e}");
+            }
+        }
     }
 
     /// Copies snapshot `name`'s own layer from `src` into the head of
@@ -1142,7 +1154,11 @@ impl<C: Connector> Volume<C> {
                             o += len;
                         }
                     }
-                    ExtentState::Zero => dst.trim_at(off, end - off, false, 0).await?,
+                    // ZERO records as ZERO records, so the layers match record for record.
+                    ExtentState::Zero => {
+                        let flags = ZeroFlags { no_hole: true, fua: false };
+                        dst.zeroes_at(off, end - off, flags, 0).await?;
+                    }
                     ExtentState::Hole => {}
                 }
                 off = end;
