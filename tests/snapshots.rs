@@ -216,8 +216,9 @@ impl Proc {
     }
 
     /// Returns the process, the NBD URI and the API address.
-    fn controller(replicas: &[&str]) -> (Proc, String, String) {
+    fn controller(replicas: &[&str], extra: &[&str]) -> (Proc, String, String) {
         let mut args = vec!["controller", "--size", SIZE, "--nbd", "127.0.0.1:0", "--api", "127.0.0.1:0"];
+        args.extend(extra);
         args.extend(["--heartbeat-ms", "200", "--checkpoint-interval", "1", "--connect-timeout", "10"]);
         for r in replicas {
             args.extend(["--replica", r]);
@@ -306,7 +307,7 @@ fn rebuild_carries_snapshots() {
     let r1 = Proc::replica(&d1, "127.0.0.1:0");
     let mut r2 = Proc::replica(&d2, "127.0.0.1:0");
     let port2 = r2.line.clone();
-    let (mut ctl, uri, api) = Proc::controller(&[&r1.line, &r2.line]);
+    let (mut ctl, uri, api) = Proc::controller(&[&r1.line, &r2.line], &[]);
 
     qemu_io_ok(&uri, &[A]);
     jiva_json(&api, &["snapshot", "create", "s1"]);
@@ -416,4 +417,44 @@ fn pid_of(needle: &str) -> Option<i32> {
         }
     }
     None
+}
+
+#[test]
+fn interrupted_rebuild_after_a_snapshot_copy_resumes() {
+    require("nbdcopy");
+    let tmp = tempfile::tempdir().unwrap();
+    let (d1, d2) = (tmp.path().join("r1"), tmp.path().join("r2"));
+    let r1 = Proc::replica(&d1, "127.0.0.1:0");
+    let (ctl, uri, api) = Proc::controller(&[&r1.line], &["--rebuild-rate", "8M"]);
+    let src = tmp.path().join("src.img");
+    std::fs::write(&src, common::pattern(8 << 20, 5)).unwrap();
+    run_ok(Command::new("nbdcopy").args([src.to_str().unwrap(), &uri]), MINUTE);
+    jiva_json(&api, &["snapshot", "create", "s1"]);
+    std::fs::write(&src, common::pattern(24 << 20, 6)).unwrap();
+    run_ok(Command::new("nbdcopy").args([src.to_str().unwrap(), &uri]), MINUTE);
+
+    // A new replica: s1 (8 MiB) is copied, then the head (24 MiB, at 8 MiB/s).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let mut r2 = Proc::replica(&d2, &port);
+    run_ok(Command::new(JIVA).args(["replica", "add", &port, "--api", &api]), MINUTE);
+    wait_until("the head rebuild 30% done", || {
+        let r = replica_json(&api, 1);
+        let (d, t) = (
+            r["rebuild"]["done_bytes"].as_u64().unwrap_or(0),
+            r["rebuild"]["total_bytes"].as_u64().unwrap_or(0),
+        );
+        t > 0 && d * 10 >= t * 3
+    });
+    std::thread::sleep(Duration::from_millis(1200)); // progress is recorded every second
+    r2.kill9();
+    wait_until("replica 2 failed", || replica_json(&api, 1)["state"] == "failed");
+    let r2 = Proc::replica(&d2, &port);
+    wait_rebuilt(&api, 1, 1);
+    let last = replica_json(&api, 1)["last_rebuild"].clone();
+    assert_eq!(last["resumed"], true, "the snapshots match now, so the head rebuild resumes: {last}");
+    let copied = last["copied_bytes"].as_u64().unwrap();
+    assert!(copied < 24 << 20, "resumed rebuild copied {copied} bytes: {last}");
+    drop(ctl);
+    drop((r1, r2));
+    assert_same_stores(&d1, &d2);
 }

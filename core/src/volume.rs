@@ -1134,6 +1134,7 @@ impl<C: Connector> Volume<C> {
         // Status is cheap (the replica's in-RAM index): ask in large windows.
         const WINDOW: u64 = 256 << 20;
         let piece = self.opts.rebuild_chunk.clamp(BS, u64::from(crate::device::MAX_IO_BYTES));
+        let started = Instant::now();
         let mut copied = 0;
         let mut at = 0;
         while at < self.size {
@@ -1152,6 +1153,13 @@ impl<C: Connector> Volume<C> {
                             dst.write_at(o, data, false, 0, Some(crc)).await?;
                             copied += len;
                             o += len;
+                            if self.opts.rebuild_rate > 0 {
+                                let due =
+                                    Duration::from_secs_f64(copied as f64 / self.opts.rebuild_rate as f64);
+                                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                                    tokio::time::sleep(wait).await;
+                                }
+                            }
                         }
                     }
                     // ZERO records as ZERO records, so the layers match record for record.
