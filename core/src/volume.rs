@@ -40,6 +40,9 @@ use crate::replica::{Connector, Replica};
 use crate::wire::{Membership, RebuildMark, ReplicaMeta, SnapshotEntry};
 
 const BS: u64 = BLOCK_SIZE as u64;
+/// How long a snapshot operation waits for another one (or for a returning
+/// replica's snapshot copy) before it gives up.
+const SNAPSHOT_OPS_WAIT: Duration = Duration::from_secs(5);
 
 /// Tunables of a [`Volume`].
 #[derive(Clone, Debug)]
@@ -1422,10 +1425,10 @@ impl<C: Connector> Volume<C> {
         self.resumed.notify_waiters();
     }
 
-    /// The snapshot operations lock, or Unavailable while a rejoining
-    /// replica copies the snapshots.
-    fn snapshot_ops(&self) -> Result<tokio::sync::MutexGuard<'_, ()>> {
-        self.snapshot_ops.try_lock().map_err(|_| {
+    /// The snapshot operations lock, or Unavailable if it stays taken
+    /// (a returning replica copying the snapshots holds it for long).
+    async fn snapshot_ops(&self) -> Result<tokio::sync::MutexGuard<'_, ()>> {
+        tokio::time::timeout(SNAPSHOT_OPS_WAIT, self.snapshot_ops.lock()).await.map_err(|_| {
             Error::new(
                 ErrorKind::Unavailable,
                 "a returning replica is copying the snapshots, or another snapshot operation runs; try again",
@@ -1450,7 +1453,7 @@ impl<C: Connector> Volume<C> {
     /// rebuilds (its copy is not complete yet).
     pub async fn snapshot_create(&self, name: &str) -> Result<SnapshotCreated> {
         self.wait_quorum(Op::Snapshot).await?;
-        let _ops = self.snapshot_ops()?;
+        let _ops = self.snapshot_ops().await?;
         if self.members_snapshot().iter().any(|m| m.state() == ReplicaState::Rebuilding) {
             return Err(Error::new(
                 ErrorKind::Unavailable,
@@ -1511,7 +1514,7 @@ impl<C: Connector> Volume<C> {
     /// child in the background; listings show it as merging until done).
     pub async fn snapshot_delete(&self, name: &str) -> Result<()> {
         self.wait_quorum(Op::Snapshot).await?;
-        let _ops = self.snapshot_ops()?;
+        let _ops = self.snapshot_ops().await?;
         let targets = self.participants();
         let results = join_all(targets.iter().map(|(_, l)| l.delete_snapshot(name))).await;
         let mut ok = 0;
@@ -1546,7 +1549,7 @@ impl<C: Connector> Volume<C> {
             )
             .with_op(Op::Snapshot));
         }
-        let _ops = self.snapshot_ops()?;
+        let _ops = self.snapshot_ops().await?;
         let _fence = self.writes.lock(0, self.size, true).await;
         self.wrote.store(true, Ordering::Relaxed);
         let targets = self.participants();
