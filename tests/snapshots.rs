@@ -458,3 +458,38 @@ fn interrupted_rebuild_after_a_snapshot_copy_resumes() {
     drop((r1, r2));
     assert_same_stores(&d1, &d2);
 }
+
+#[test]
+fn revert_while_a_replica_rebuilds() {
+    require("nbdcopy");
+    let tmp = tempfile::tempdir().unwrap();
+    let (d1, d2) = (tmp.path().join("r1"), tmp.path().join("r2"));
+    let r1 = Proc::replica(&d1, "127.0.0.1:0");
+    let (ctl, uri, api) = Proc::controller(&[&r1.line], &["--rebuild-rate", "8M"]);
+    let src = tmp.path().join("src.img");
+    let s1 = common::pattern(16 << 20, 7);
+    std::fs::write(&src, &s1).unwrap();
+    run_ok(Command::new("nbdcopy").args([src.to_str().unwrap(), &uri]), MINUTE);
+    jiva_json(&api, &["snapshot", "create", "s1"]);
+    std::fs::write(&src, common::pattern(24 << 20, 8)).unwrap();
+    run_ok(Command::new("nbdcopy").args([src.to_str().unwrap(), &uri]), MINUTE);
+
+    let r2 = Proc::replica(&d2, "127.0.0.1:0");
+    run_ok(Command::new(JIVA).args(["replica", "add", &r2.line, "--api", &api]), MINUTE);
+    wait_until("the head rebuild under way", || {
+        let r = replica_json(&api, 1);
+        r["state"] == "rebuilding" && r["rebuild"]["done_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    // No client is attached: the revert pauses I/O itself.
+    let out = jiva(&api, &["snapshot", "revert", "s1"]);
+    assert!(out.status.success(), "revert: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(replica_json(&api, 1)["state"], "rebuilding", "the rebuild goes on");
+    wait_rebuilt(&api, 1, 1);
+    let back = tmp.path().join("back.img");
+    run_ok(Command::new("nbdcopy").args([&uri, back.to_str().unwrap()]), MINUTE);
+    let back = std::fs::read(&back).unwrap();
+    assert!(back[..16 << 20] == s1[..] && back[16 << 20..].iter().all(|&b| b == 0), "the head is not s1");
+    drop(ctl);
+    drop((r1, r2));
+    assert_same_stores(&d1, &d2);
+}
