@@ -2,8 +2,9 @@
 """Snapshot chain benchmark (not a test): 4k random-read latency of a volume
 whose data sits at the bottom of a chain of 100 snapshots, against the same
 volume with a chain of 1 (the layer index makes the depth cost no I/O).
-Prints both latencies and their ratio (the goal is <= 1.2). Timing on
-shared machines is noisy: compare numbers from one run.
+Prints both latencies and their ratio (the goal is <= 1.2), and the write
+pause each snapshot create reported (median and maximum; the volume is idle
+then). Timing on shared machines is noisy: compare numbers from one run.
 
 Usage: benches/snapshots.py [--jiva target/release/jiva] [--size 256M] [--chain 100]
 Needs fio with its nbd engine.
@@ -26,9 +27,10 @@ def fio(uri, rw, size, runtime=None, extra=()):
     out = subprocess.check_output(args, text=True)
     return json.loads(out[out.index("{"):])["jobs"][0]
 
-def measure(jiva, base, size, chain, runtime):
+def measure(jiva, base, size, chain, runtime, pauses):
     """Fills the volume, stacks `chain` snapshots (each with a little new data
-    elsewhere), and returns the mean 4k random-read latency in microseconds."""
+    elsewhere; their pauses in ms go to `pauses`), and returns the mean 4k
+    random-read latency in microseconds."""
     procs = []
     try:
         rep, addr = spawn([jiva, "replica", "--listen", "127.0.0.1:0", "--dir", f"{base}/r", "--size", size],
@@ -41,7 +43,8 @@ def measure(jiva, base, size, chain, runtime):
         api = api.replace("http://", "")
         fio(uri, "write", size, extra=["--bs=1M"])
         for i in range(chain - 1):
-            subprocess.check_output([jiva, "snapshot", "create", f"s{i}", "--api", api])
+            out = subprocess.check_output([jiva, "snapshot", "create", f"s{i}", "--api", api, "--json"])
+            pauses.append(json.loads(out)["pause_ms"])
             # A little data in every layer, away from nothing in particular.
             fio(uri, "randwrite", size, extra=["--io_size=64k", f"--randseed={i + 1}"])
         # Warm the page cache so the run measures the read path, not the disk.
@@ -62,16 +65,21 @@ def main():
     a = ap.parse_args()
     jiva = os.path.abspath(a.jiva)
     results = {}
+    pauses = []
     for chain in (1, a.chain):
         base = tempfile.mkdtemp(prefix="jiva-snap-bench-")
         try:
-            results[chain] = measure(jiva, base, a.size, chain, a.runtime)
+            results[chain] = measure(jiva, base, a.size, chain, a.runtime, pauses)
         finally:
             shutil.rmtree(base, ignore_errors=True)
         lat, iops = results[chain]
         print(f"chain of {chain:>4}: 4k random read (QD1) mean latency {lat:8.1f} us, {iops:8.0f} IOPS")
     ratio = results[a.chain][0] / results[1][0]
     print(f"ratio (chain {a.chain} / chain 1): {ratio:.2f}  (goal <= 1.20)")
+    if pauses:
+        pauses.sort()
+        print(f"snapshot create pause: median {pauses[len(pauses) // 2]:.2f} ms, "
+              f"max {pauses[-1]:.2f} ms over {len(pauses)} creates")
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@
 //! | `GET /v1/snapshots`                | snapshots, oldest first                         |
 //! | `POST /v1/snapshots`               | create one: `{"name": "NAME"}`; reports the pause |
 //! | `DELETE /v1/snapshots/NAME`        | delete one (merges into its child)              |
-//! | `POST /v1/snapshots/NAME/revert`   | revert the volume to it (volume paused)         |
+//! | `POST /v1/snapshots/NAME/revert`   | revert the volume to it (paused, or no client)  |
 //! | `POST /v1/snapshots/NAME/clone`    | clone it: `{"name", "dir", "replicas"}`         |
 //! | `GET /v1/clones`                   | clone jobs and their progress                   |
 //!
@@ -34,10 +34,14 @@ use crate::clone::{CloneJob, CloneRequest};
 
 type Vol = Arc<Volume<RemoteConnector>>;
 
+/// How many NBD/iSCSI clients are attached to the volume now.
+pub type Clients = Arc<dyn Fn() -> usize + Send + Sync>;
+
 #[derive(Clone)]
 struct App {
     vol: Vol,
     clones: Arc<Mutex<Vec<Arc<CloneJob>>>>,
+    clients: Clients,
 }
 
 #[derive(Deserialize)]
@@ -121,8 +125,38 @@ async fn snapshot_delete(State(a): State<App>, Path(name): Path<String>) -> Resp
     }
 }
 
+/// Refuses a revert that attached clients would see happen under them.
+fn refuse_attached(attached: usize) -> Response {
+    error(
+        StatusCode::CONFLICT,
+        format!(
+            "revert changes the volume under its clients, and {attached} NBD/iSCSI client(s) are attached: \
+             detach them, or pause I/O for the revert (`jiva snapshot revert NAME --pause`)"
+        ),
+    )
+}
+
+/// Reverts when the volume is paused, or when no client is attached (then
+/// it pauses for the revert itself, so a client that attaches meanwhile
+/// waits for its first I/O).
 async fn snapshot_revert(State(a): State<App>, Path(name): Path<String>) -> Response {
-    match a.vol.snapshot_revert(&name).await {
+    let result = if a.vol.is_paused() {
+        a.vol.snapshot_revert(&name).await
+    } else {
+        match (a.clients)() {
+            0 => {}
+            n => return refuse_attached(n),
+        }
+        a.vol.pause().await;
+        let attached = (a.clients)();
+        let result = if attached == 0 { Some(a.vol.snapshot_revert(&name).await) } else { None };
+        a.vol.resume();
+        match result {
+            Some(r) => r,
+            None => return refuse_attached(attached),
+        }
+    };
+    match result {
         Ok(()) => Json(serde_json::json!({ "reverted": name })).into_response(),
         Err(e) => error(status_of(&e), e),
     }
@@ -148,7 +182,7 @@ async fn clones(State(a): State<App>) -> Response {
 }
 
 /// Serves the API on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, vol: Vol) {
+pub async fn serve(listener: TcpListener, vol: Vol, clients: Clients) {
     let app = Router::new()
         .route("/v1/volume", get(volume))
         .route("/v1/volume/pause", post(pause))
@@ -160,7 +194,7 @@ pub async fn serve(listener: TcpListener, vol: Vol) {
         .route("/v1/snapshots/{name}/revert", post(snapshot_revert))
         .route("/v1/snapshots/{name}/clone", post(snapshot_clone))
         .route("/v1/clones", get(clones))
-        .with_state(App { vol, clones: Arc::default() });
+        .with_state(App { vol, clones: Arc::default(), clients });
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("control API stopped: {e}");
     }

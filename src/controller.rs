@@ -1,7 +1,8 @@
 //! `jiva controller`: attaches to a volume's replicas under a new epoch,
 //! reconciles them (newest generation serves, others are rebuilt),
 //! replicates I/O over them (`jiva_core::volume`), serves the volume through
-//! NBD, and its status and replica set through the HTTP API (`--api`).
+//! NBD (snapshots too, read-only, as `NAME@SNAPSHOT`), and its status and
+//! replica set through the HTTP API (`--api`).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use jiva_core::remote::{self, RemoteConnector, RemoteOptions};
 use jiva_core::size::ByteSize;
+use jiva_core::view::SnapshotView;
 use jiva_core::volume::{Volume, VolumeOptions};
 use jiva_core::{BLOCK_SIZE, ErrorKind};
 use jiva_nbd::NbdServer;
@@ -170,9 +172,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let api = match &args.api {
         Some(addr) => {
             let l = TcpListener::bind(addr).await.with_context(|| format!("API listen on {addr}"))?;
-            let local = l.local_addr()?;
-            tokio::spawn(crate::api::serve(l, volume.clone()));
-            Some(local)
+            Some(l)
         }
         None => None,
     };
@@ -193,6 +193,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 target = target.with_mutual_chap(user.clone(), secret.clone());
             }
             Some((l.local_addr()?, Arc::new(target), l))
+        }
+        None => None,
+    };
+    let server = Arc::new(
+        NbdServer::new(volume.clone(), args.name.clone())
+            .with_exports(Arc::new(SnapshotExports { volume: volume.clone(), name: args.name.clone() })),
+    );
+    let api = match api {
+        Some(l) => {
+            let local = l.local_addr()?;
+            // Revert needs to know whether a client could see the change.
+            let nbd_clients = server.client_counter();
+            let iscsi_target = iscsi.as_ref().map(|(_, t, _)| t.clone());
+            let clients: crate::api::Clients = Arc::new(move || {
+                nbd_clients.load(std::sync::atomic::Ordering::SeqCst)
+                    + iscsi_target.as_ref().map_or(0, |t| t.session_count())
+            });
+            tokio::spawn(crate::api::serve(l, volume.clone(), clients));
+            Some(local)
         }
         None => None,
     };
@@ -223,7 +242,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let server = Arc::new(NbdServer::new(volume.clone(), args.name.clone()));
     let nbd = server.serve(listener, stopped(stop_rx.clone()));
     let iscsi = async {
         match iscsi {
@@ -243,4 +261,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("final flush failed: {e}");
     }
     Ok(())
+}
+
+/// The volume's snapshots as NBD exports `NAME@SNAPSHOT` (read-only).
+struct SnapshotExports {
+    volume: Arc<Volume<RemoteConnector>>,
+    name: String,
+}
+
+impl jiva_nbd::Exports for SnapshotExports {
+    type Device = SnapshotView<RemoteConnector>;
+
+    async fn names(&self) -> Vec<String> {
+        let list = self.volume.snapshots().await.unwrap_or_default();
+        list.into_iter().filter(|s| !s.merging).map(|s| format!("{}@{}", self.name, s.name)).collect()
+    }
+
+    async fn open(&self, export: &str) -> Option<Arc<Self::Device>> {
+        let snapshot = export.strip_prefix(&self.name)?.strip_prefix('@')?;
+        let list = self.volume.snapshots().await.ok()?;
+        list.iter()
+            .any(|s| s.name == snapshot)
+            .then(|| Arc::new(SnapshotView::new(self.volume.clone(), snapshot)))
+    }
 }

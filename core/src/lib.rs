@@ -14,6 +14,7 @@ pub mod remote;
 pub mod replica;
 pub mod size;
 pub mod vectored;
+pub mod view;
 pub mod volume;
 pub mod wire;
 

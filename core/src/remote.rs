@@ -265,7 +265,8 @@ impl RemoteReplica {
             Opcode::GetMeta | Opcode::SetMembership | Opcode::SetRebuild => Op::Handshake,
             Opcode::SnapCreate | Opcode::SnapDelete | Opcode::SnapRevert | Opcode::SnapList => Op::Snapshot,
             Opcode::SnapRead => Op::Read,
-            Opcode::SnapStatus => Op::BlockStatus,
+            Opcode::SnapStatus | Opcode::SnapLayerStatus => Op::BlockStatus,
+            Opcode::SnapTruncate => Op::Snapshot,
         };
         let conn = &*self.conn;
         let tag = conn.next_tag.fetch_add(1, Ordering::Relaxed);
@@ -493,10 +494,11 @@ impl Replica for RemoteReplica {
         RemoteReplica::is_connected(self)
     }
 
-    async fn create_snapshot(&self, name: &str, system: bool) -> Result<()> {
+    async fn create_snapshot(&self, name: &str, system: bool, created_ms: u64) -> Result<()> {
         let flags = if system { wire::FLAG_SYSTEM } else { 0 };
         let data = Bytes::copy_from_slice(name.as_bytes());
-        self.send(Request { flags, data, ..Request::simple(Opcode::SnapCreate, 0, 0, 0) }).await.map(drop)
+        let req = Request { flags, data, ..Request::simple(Opcode::SnapCreate, 0, created_ms, 0) };
+        self.send(req).await.map(drop)
     }
 
     async fn delete_snapshot(&self, name: &str) -> Result<()> {
@@ -528,6 +530,19 @@ impl Replica for RemoteReplica {
         let target = wire::encode_snap_target(&SnapTarget { length: len, name: name.to_owned() });
         let payload = self.call(Opcode::SnapStatus, 0, offset, 0, target).await?;
         Ok(wire::decode_extents(&payload)?)
+    }
+
+    async fn snapshot_layer_status(&self, name: &str, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let target = wire::encode_snap_target(&SnapTarget { length: len, name: name.to_owned() });
+        let payload = self.call(Opcode::SnapLayerStatus, 0, offset, 0, target).await?;
+        Ok(wire::decode_extents(&payload)?)
+    }
+
+    async fn truncate_snapshots(&self, keep: Option<&str>) -> Result<()> {
+        let data = Bytes::copy_from_slice(keep.unwrap_or_default().as_bytes());
+        let req = Request { data, ..Request::simple(Opcode::SnapTruncate, 0, 0, 0) };
+        // It waits for a running merge.
+        self.send_within(req, self.opts.request_timeout.max(SLOW_REQUEST_TIMEOUT)).await.map(drop)
     }
 }
 

@@ -55,10 +55,17 @@ pub trait Replica: BlockDevice {
     fn is_connected(&self) -> bool {
         true
     }
-    /// Freezes the head as snapshot `name` (a replica without snapshots
-    /// says Unsupported; so do the other snapshot calls).
-    fn create_snapshot(&self, name: &str, system: bool) -> impl Future<Output = Result<()>> + Send {
-        let _ = (name, system);
+    /// Freezes the head as snapshot `name`, created at `created_ms`
+    /// (milliseconds since the Unix epoch; 0 = the replica's clock). A
+    /// replica without snapshots says Unsupported; so do the other
+    /// snapshot calls.
+    fn create_snapshot(
+        &self,
+        name: &str,
+        system: bool,
+        created_ms: u64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (name, system, created_ms);
         async { Err(no_snapshots()) }
     }
     /// Starts deleting snapshot `name` (it merges into its child).
@@ -94,6 +101,23 @@ pub trait Replica: BlockDevice {
         len: u64,
     ) -> impl Future<Output = Result<Vec<Extent>>> + Send {
         let _ = (name, offset, len);
+        async { Err(no_snapshots()) }
+    }
+    /// Allocation of `offset..offset+len` in snapshot `name`'s own layer
+    /// (Hole where that layer holds no record).
+    fn snapshot_layer_status(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<Extent>>> + Send {
+        let _ = (name, offset, len);
+        async { Err(no_snapshots()) }
+    }
+    /// Drops every snapshot newer than `keep` (all with `None`) and the
+    /// head, leaving an empty head on top of `keep`.
+    fn truncate_snapshots(&self, keep: Option<&str>) -> impl Future<Output = Result<()>> + Send {
+        let _ = keep;
         async { Err(no_snapshots()) }
     }
 }

@@ -40,6 +40,9 @@ use crate::replica::{Connector, Replica};
 use crate::wire::{Membership, RebuildMark, ReplicaMeta, SnapshotEntry};
 
 const BS: u64 = BLOCK_SIZE as u64;
+/// How long a snapshot operation waits for another one (or for a returning
+/// replica's snapshot copy) before it gives up.
+const SNAPSHOT_OPS_WAIT: Duration = Duration::from_secs(5);
 
 /// Tunables of a [`Volume`].
 #[derive(Clone, Debug)]
@@ -281,6 +284,10 @@ pub struct Volume<C: Connector> {
     /// New I/O waits while set (snapshot revert).
     paused: AtomicBool,
     resumed: Notify,
+    /// Held by snapshot create, delete and revert, and by a rejoining
+    /// replica from its snapshot copy until it receives writes, so that
+    /// the chain it copies stays the source's.
+    snapshot_ops: tokio::sync::Mutex<()>,
 }
 
 impl<C: Connector> std::fmt::Debug for Volume<C> {
@@ -366,6 +373,7 @@ impl<C: Connector> Volume<C> {
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             resumed: Notify::new(),
+            snapshot_ops: tokio::sync::Mutex::new(()),
         });
         let attached = join_all(addrs.iter().map(|a| vol.connector.attach(a, epoch))).await;
         let mut found = Vec::new();
@@ -952,7 +960,21 @@ impl<C: Connector> Volume<C> {
             }
             return;
         }
-        let (mark, resumed) = rebuild_plan(&meta, rec.generation);
+        let (mut mark, mut resumed) = rebuild_plan(&meta, rec.generation);
+        // Held until the replica receives writes: no snapshot may change
+        // between the copy of the chain and then.
+        let _snapshot_ops = self.snapshot_ops.lock().await;
+        match self.sync_snapshots(&m, &link).await {
+            Ok(false) => {}
+            Ok(true) => {
+                // Its head was dropped: it needs every region again.
+                (mark, resumed) = (RebuildMark::from_threshold(0), false);
+            }
+            Err(e) => {
+                tracing::warn!(volume = %self.name, replica = %m.addr, "cannot copy the snapshots: {e}");
+                return;
+            }
+        }
         // The mark is durable before the replica receives any write, so an
         // interruption from here on resumes instead of trusting its data.
         if let Err(e) = link.set_rebuild(Some(&mark)).await {
@@ -974,6 +996,7 @@ impl<C: Connector> Volume<C> {
                 tracing::warn!(volume = %self.name, "cannot start a new generation: {e}");
             }
         }
+        drop(_snapshot_ops);
         let full = mark.pieces.iter().all(|&(_, t)| t == 0);
         tracing::info!(
             volume = %self.name, replica = %m.addr, full, resumed,
@@ -1040,6 +1063,120 @@ impl<C: Connector> Volume<C> {
                 }
             }
         }
+    }
+
+    /// Makes the snapshots of a rejoining replica (not yet receiving writes)
+    /// those of a healthy source: same names, creation times and kinds in
+    /// the same order, and the same contents. Where the chains part, the
+    /// target's layers from there up (its head too) are dropped, then each
+    /// missing snapshot is rebuilt from the source's own layer of it (data
+    /// crc-checked, zeros as zeros) into the target's head and frozen.
+    /// Returns whether the target changed (its head then needs a full
+    /// rebuild; before dropping anything, a full rebuild mark is recorded,
+    /// so an interruption never trusts the head).
+    async fn sync_snapshots(&self, m: &Member<C::Link>, link: &C::Link) -> Result<bool> {
+        let Some((src_m, src)) = self.read_order().into_iter().find(|(s, _)| !std::ptr::eq(&**s, m)) else {
+            // Nobody to copy from: the rebuild will say so.
+            return Ok(false);
+        };
+        let theirs = match src.snapshots().await {
+            Ok(list) => list,
+            Err(e) if e.kind() == ErrorKind::Unsupported => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let ours = match link.snapshots().await {
+            Err(e) if e.kind() == ErrorKind::Unsupported && theirs.is_empty() => return Ok(false),
+            other => other?,
+        };
+        let same = |a: &SnapshotEntry, b: &SnapshotEntry| {
+            a.name == b.name && a.created_ms == b.created_ms && a.system == b.system
+        };
+        let common = theirs.iter().zip(&ours).take_while(|(a, b)| same(a, b)).count();
+        if common == theirs.len() && common == ours.len() {
+            self.follow_deletes(link, &theirs, &ours).await;
+            return Ok(false);
+        }
+        tracing::info!(
+            volume = %self.name, replica = %m.addr, source = %src_m.addr,
+            kept = common, dropped = ours.len() - common, to_copy = theirs.len() - common,
+            "copying snapshots"
+        );
+        link.set_rebuild(Some(&RebuildMark::from_threshold(0))).await?;
+        link.truncate_snapshots(common.checked_sub(1).map(|i| ours[i].name.as_str())).await?;
+        for snap in &theirs[common..] {
+            let copied = self.copy_layer(&*src, link, &snap.name).await?;
+            link.create_snapshot(&snap.name, snap.system, snap.created_ms).await?;
+            tracing::info!(replica = %m.addr, snapshot = %snap.name, copied, "snapshot copied");
+        }
+        let now = link.snapshots().await?;
+        if now.len() != theirs.len() || !now.iter().zip(&theirs).all(|(a, b)| same(a, b)) {
+            return Err(Error::new(ErrorKind::Unavailable, "the snapshots changed during the copy"));
+        }
+        self.follow_deletes(link, &theirs, &now).await;
+        Ok(true)
+    }
+
+    /// Starts deleting on the target (`ours`) the snapshot the source
+    /// (`theirs`, the same chain) is deleting, if the target is not. Each
+    /// replica merges on its own; the views stay the same meanwhile, so a
+    /// failure only leaves the snapshot listed on the target (logged).
+    async fn follow_deletes(&self, link: &C::Link, theirs: &[SnapshotEntry], ours: &[SnapshotEntry]) {
+        for (src, dst) in theirs.iter().zip(ours) {
+            if src.merging
+                && !dst.merging
+                && let Err(e) = link.delete_snapshot(&src.name).await
+            {
+                tracing::warn!(volume = %self.name, snapshot = %src.name, "cannot delete the snapshot on a returning replica: {e}");
+            }
+        }
+    }
+
+    /// Copies snapshot `name`'s own layer from `src` into the head of
+    /// `dst`. Returns data bytes copied.
+    async fn copy_layer(&self, src: &C::Link, dst: &C::Link, name: &str) -> Result<u64> {
+        // Status is cheap (the replica's in-RAM index): ask in large windows.
+        const WINDOW: u64 = 256 << 20;
+        let piece = self.opts.rebuild_chunk.clamp(BS, u64::from(crate::device::MAX_IO_BYTES));
+        let started = Instant::now();
+        let mut copied = 0;
+        let mut at = 0;
+        while at < self.size {
+            let n = WINDOW.min(self.size - at);
+            let extents = src.snapshot_layer_status(name, at, n).await?;
+            let mut off = at;
+            for e in extents {
+                let end = (off + e.length).min(at + n);
+                match e.state {
+                    ExtentState::Data => {
+                        let mut o = off;
+                        while o < end {
+                            let len = piece.min(end - o);
+                            let data = src.read_snapshot(name, o, len as usize).await?;
+                            let crc = crc32c::crc32c(&data);
+                            dst.write_at(o, data, false, 0, Some(crc)).await?;
+                            copied += len;
+                            o += len;
+                            if self.opts.rebuild_rate > 0 {
+                                let due =
+                                    Duration::from_secs_f64(copied as f64 / self.opts.rebuild_rate as f64);
+                                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                                    tokio::time::sleep(wait).await;
+                                }
+                            }
+                        }
+                    }
+                    // ZERO records as ZERO records, so the layers match record for record.
+                    ExtentState::Zero => {
+                        let flags = ZeroFlags { no_hole: true, fua: false };
+                        dst.zeroes_at(off, end - off, flags, 0).await?;
+                    }
+                    ExtentState::Hole => {}
+                }
+                off = end;
+            }
+            at += n;
+        }
+        Ok(copied)
     }
 
     /// Copies every region `mark` asks for from healthy replicas to `link`.
@@ -1288,6 +1425,18 @@ impl<C: Connector> Volume<C> {
         self.resumed.notify_waiters();
     }
 
+    /// The snapshot operations lock, or Unavailable if it stays taken
+    /// (a returning replica copying the snapshots holds it for long).
+    async fn snapshot_ops(&self) -> Result<tokio::sync::MutexGuard<'_, ()>> {
+        tokio::time::timeout(SNAPSHOT_OPS_WAIT, self.snapshot_ops.lock()).await.map_err(|_| {
+            Error::new(
+                ErrorKind::Unavailable,
+                "a returning replica is copying the snapshots, or another snapshot operation runs; try again",
+            )
+            .with_op(Op::Snapshot)
+        })
+    }
+
     /// Serving members (healthy and rebuilding) with their links.
     fn participants(&self) -> Vec<Pick<C::Link>> {
         self.members_snapshot()
@@ -1304,6 +1453,7 @@ impl<C: Connector> Volume<C> {
     /// rebuilds (its copy is not complete yet).
     pub async fn snapshot_create(&self, name: &str) -> Result<SnapshotCreated> {
         self.wait_quorum(Op::Snapshot).await?;
+        let _ops = self.snapshot_ops().await?;
         if self.members_snapshot().iter().any(|m| m.state() == ReplicaState::Rebuilding) {
             return Err(Error::new(
                 ErrorKind::Unavailable,
@@ -1315,7 +1465,11 @@ impl<C: Connector> Volume<C> {
         let _fence = self.writes.lock(0, self.size, true).await;
         let fenced = Instant::now();
         let targets: Vec<_> = self.participants().into_iter().filter(|(m, _)| m.is_healthy()).collect();
-        let results = join_all(targets.iter().map(|(_, l)| l.create_snapshot(name, false))).await;
+        // One creation time for all: replicas compare snapshots by it.
+        let created_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let results = join_all(targets.iter().map(|(_, l)| l.create_snapshot(name, false, created_ms))).await;
         let pause = fenced.elapsed();
         drop(_fence);
         let mut done = Vec::new();
@@ -1360,6 +1514,7 @@ impl<C: Connector> Volume<C> {
     /// child in the background; listings show it as merging until done).
     pub async fn snapshot_delete(&self, name: &str) -> Result<()> {
         self.wait_quorum(Op::Snapshot).await?;
+        let _ops = self.snapshot_ops().await?;
         let targets = self.participants();
         let results = join_all(targets.iter().map(|(_, l)| l.delete_snapshot(name))).await;
         let mut ok = 0;
@@ -1381,7 +1536,10 @@ impl<C: Connector> Volume<C> {
 
     /// Makes the volume's contents those of snapshot `name` on every
     /// replica. The volume must be paused ([`Volume::pause`]): clients
-    /// would otherwise see their data change under them.
+    /// would otherwise see their data change under them. A rebuilding
+    /// replica reverts too: its snapshots were copied before it received
+    /// any write, so its new head is the same as the others' (the rest of
+    /// its rebuild then copies what is already equal).
     pub async fn snapshot_revert(&self, name: &str) -> Result<()> {
         if !self.is_paused() {
             return Err(Error::new(
@@ -1391,13 +1549,7 @@ impl<C: Connector> Volume<C> {
             )
             .with_op(Op::Snapshot));
         }
-        if self.members_snapshot().iter().any(|m| m.state() == ReplicaState::Rebuilding) {
-            return Err(Error::new(
-                ErrorKind::Unavailable,
-                "a replica is rebuilding; revert once it is healthy",
-            )
-            .with_op(Op::Snapshot));
-        }
+        let _ops = self.snapshot_ops().await?;
         let _fence = self.writes.lock(0, self.size, true).await;
         self.wrote.store(true, Ordering::Relaxed);
         let targets = self.participants();

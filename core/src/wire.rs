@@ -22,8 +22,7 @@
 //!
 //! Version 2 added the replica metadata in the HelloReply, the generation
 //! and crc fields of requests, and the opcodes GET_META, SET_MEMBERSHIP,
-//! SET_REBUILD and GET_STAMPS. Version 3 (this one) added the snapshot
-//! opcodes:
+//! SET_REBUILD and GET_STAMPS. Version 3 added the snapshot opcodes:
 //!
 //! ```text
 //!   SNAP_CREATE   payload: name; FLAG_SYSTEM marks a system snapshot
@@ -34,6 +33,17 @@
 //!                 | name_len u8 | name
 //!   SNAP_READ     payload: length u64 | name; response: the data at `offset`
 //!   SNAP_STATUS   payload: length u64 | name; response: BLOCK_STATUS extents
+//! ```
+//!
+//! Version 4 (this one) lets a rebuild carry snapshots:
+//!
+//! ```text
+//!   SNAP_CREATE        `offset` = creation time (ms since the Unix epoch, the
+//!                      controller's, the same on every replica); 0 = the replica's clock
+//!   SNAP_LAYER_STATUS  payload: length u64 | name; response: extents of the
+//!                      snapshot's own layer only (Hole = no record there)
+//!   SNAP_TRUNCATE      payload: the newest snapshot to keep, or empty for none;
+//!                      every layer above it (the head too) is replaced by an empty head
 //! ```
 //!
 //! A replica refuses a Hello of another version, so mixed versions fail at
@@ -57,7 +67,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use crate::device::{Extent, ExtentState, MAX_IO_BYTES};
 use crate::error::{Error, ErrorKind, Result};
 
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 pub const HELLO_MAGIC: u32 = u32::from_be_bytes(*b"JVHI");
 pub const HELLO_REPLY_MAGIC: u32 = u32::from_be_bytes(*b"JVHR");
 pub const REQUEST_MAGIC: u32 = u32::from_be_bytes(*b"JVRQ");
@@ -140,6 +150,10 @@ pub enum Opcode {
     SnapRead = 16,
     /// Block status of a snapshot (payload: [`SnapTarget`]).
     SnapStatus = 17,
+    /// Block status of a snapshot's own layer (payload: [`SnapTarget`]).
+    SnapLayerStatus = 18,
+    /// Drop the layers above a snapshot (payload: its name, or empty).
+    SnapTruncate = 19,
 }
 
 impl Opcode {
@@ -162,6 +176,8 @@ impl Opcode {
             15 => Opcode::SnapList,
             16 => Opcode::SnapRead,
             17 => Opcode::SnapStatus,
+            18 => Opcode::SnapLayerStatus,
+            19 => Opcode::SnapTruncate,
             _ => return None,
         })
     }
@@ -444,6 +460,8 @@ fn has_payload(op: Opcode) -> bool {
             | Opcode::SnapRevert
             | Opcode::SnapRead
             | Opcode::SnapStatus
+            | Opcode::SnapLayerStatus
+            | Opcode::SnapTruncate
     )
 }
 
@@ -493,6 +511,8 @@ pub fn decode_request_header(buf: &[u8]) -> Result<Option<(Request, usize)>, Wir
         | Opcode::SnapRevert
         | Opcode::SnapRead
         | Opcode::SnapStatus
+        | Opcode::SnapLayerStatus
+        | Opcode::SnapTruncate
             if length > MAX_META_LEN as u64 =>
         {
             return Err(WireError::TooLarge(length));
@@ -720,6 +740,11 @@ pub fn decode_snap_target(buf: &[u8]) -> Result<SnapTarget, WireError> {
     let length = c.u64()?;
     let name = decode_snap_name(c.0)?;
     Ok(SnapTarget { length, name })
+}
+
+/// SNAP_TRUNCATE payload: the newest snapshot to keep (empty: none).
+pub fn decode_snap_keep(buf: &[u8]) -> Result<Option<String>, WireError> {
+    if buf.is_empty() { Ok(None) } else { decode_snap_name(buf).map(Some) }
 }
 
 /// A snapshot name payload (SNAP_CREATE, SNAP_DELETE, SNAP_REVERT).
@@ -965,6 +990,8 @@ mod tests {
             Just(Opcode::SnapList),
             Just(Opcode::SnapRead),
             Just(Opcode::SnapStatus),
+            Just(Opcode::SnapLayerStatus),
+            Just(Opcode::SnapTruncate),
         ]
     }
 

@@ -97,7 +97,13 @@ pub trait Backend: BlockDevice {
         flags: ZeroFlags,
         generation: u64,
     ) -> impl Future<Output = Result<()>> + Send;
-    fn create_snapshot(&self, name: &str, system: bool) -> impl Future<Output = Result<()>> + Send;
+    /// `created_ms` 0: the store's clock.
+    fn create_snapshot(
+        &self,
+        name: &str,
+        system: bool,
+        created_ms: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Starts the delete (the merge goes on in the background).
     fn delete_snapshot(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
     fn revert_snapshot(&self, name: &str, generation: u64) -> impl Future<Output = Result<()>> + Send;
@@ -114,6 +120,13 @@ pub trait Backend: BlockDevice {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<Vec<jiva_core::Extent>>> + Send;
+    fn snapshot_layer_status(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<jiva_core::Extent>>> + Send;
+    fn truncate_snapshots(&self, keep: Option<&str>) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// Block ranges whose reads fail with an I/O error: a stand-in for a disk
@@ -468,7 +481,7 @@ impl<B: Backend> ReplicaServer<B> {
             Opcode::SnapCreate => {
                 let name = wire::decode_snap_name(&req.data)?;
                 let system = req.flags & wire::FLAG_SYSTEM != 0;
-                self.backend.create_snapshot(&name, system).await.map(|_| Bytes::new())
+                self.backend.create_snapshot(&name, system, req.offset).await.map(|_| Bytes::new())
             }
             Opcode::SnapDelete => {
                 let name = wire::decode_snap_name(&req.data)?;
@@ -492,6 +505,16 @@ impl<B: Backend> ReplicaServer<B> {
                 check_range(size, req.offset, t.length)?;
                 let ext = self.backend.snapshot_block_status(&t.name, req.offset, t.length).await?;
                 Ok(wire::encode_extents(&ext))
+            }
+            Opcode::SnapLayerStatus => {
+                let t = wire::decode_snap_target(&req.data)?;
+                check_range(size, req.offset, t.length)?;
+                let ext = self.backend.snapshot_layer_status(&t.name, req.offset, t.length).await?;
+                Ok(wire::encode_extents(&ext))
+            }
+            Opcode::SnapTruncate => {
+                let keep = wire::decode_snap_keep(&req.data)?;
+                self.backend.truncate_snapshots(keep.as_deref()).await.map(|_| Bytes::new())
             }
         }
     }
@@ -609,8 +632,13 @@ impl Backend for crate::Store {
         crate::Store::zeroes_gen(self, offset, len, flags, generation)
     }
 
-    fn create_snapshot(&self, name: &str, system: bool) -> impl Future<Output = Result<()>> + Send {
-        crate::Store::create_snapshot(self, name, system)
+    fn create_snapshot(
+        &self,
+        name: &str,
+        system: bool,
+        created_ms: u64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::create_snapshot_at(self, name, system, Some(created_ms).filter(|&t| t != 0))
     }
 
     fn delete_snapshot(&self, name: &str) -> impl Future<Output = Result<()>> + Send {
@@ -650,6 +678,19 @@ impl Backend for crate::Store {
         len: u64,
     ) -> impl Future<Output = Result<Vec<jiva_core::Extent>>> + Send {
         crate::Store::snapshot_block_status(self, name, offset, len)
+    }
+
+    fn snapshot_layer_status(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<jiva_core::Extent>>> + Send {
+        crate::Store::snapshot_layer_status(self, name, offset, len)
+    }
+
+    fn truncate_snapshots(&self, keep: Option<&str>) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::truncate_snapshots(self, keep)
     }
 }
 

@@ -497,12 +497,47 @@ impl Store {
     /// whole-store range lock), so the snapshot is one point in the write
     /// stream.
     pub async fn create_snapshot(&self, name: &str, system: bool) -> Result<()> {
+        self.create_snapshot_at(name, system, None).await
+    }
+
+    /// [`Store::create_snapshot`] recording `created_ms` (milliseconds since
+    /// the Unix epoch) as its creation time instead of the clock's: the
+    /// controller gives every replica the same one, so that replicas can
+    /// tell the same snapshot from a later one of the same name.
+    pub async fn create_snapshot_at(&self, name: &str, system: bool, created_ms: Option<u64>) -> Result<()> {
         format::check_snapshot_name(name).map_err(|m| Error::new(ErrorKind::InvalidArgument, m))?;
         let inner = self.inner.clone();
         let name = name.to_owned();
-        detached(async move { inner.create_snapshot(name, system).await })
+        detached(async move { inner.create_snapshot(name, system, created_ms).await })
             .await
             .map_err(|e| e.with_op(Op::Snapshot))
+    }
+
+    /// Allocation of `offset..offset+len` in snapshot `name`'s own layer
+    /// only (what was written while it was the head): Data, Zero (a ZERO
+    /// record) or Hole (the layer holds no record; older layers may).
+    /// Rebuild copies a snapshot layer by layer with it.
+    pub async fn snapshot_layer_status(&self, name: &str, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let (first, count) = block_span(offset, len);
+        let _range = self.inner.lock.lock(first, first + count, false).await;
+        let own = self.inner.view_of(name).map_err(|e| e.with_op(Op::BlockStatus))?;
+        let own = &own[own.len() - 1..];
+        self.inner.view_status(own, offset, len).await.map_err(|e| e.with_op(Op::BlockStatus))
+    }
+
+    /// Drops every layer above snapshot `keep` (every snapshot if `None`),
+    /// the head included, and starts a new empty head: the store then holds
+    /// the contents of `keep` (or zeros). For a rebuild target whose
+    /// snapshots differ from its source's; its head is rebuilt in full
+    /// afterwards. Waits for a running merge first. Crash-safe: one
+    /// manifest rewrite switches; leftover files go at the next open.
+    pub async fn truncate_snapshots(&self, keep: Option<&str>) -> Result<()> {
+        let inner = self.inner.clone();
+        let keep = keep.map(str::to_owned);
+        detached(async move { inner.truncate(keep).await }).await.map_err(|e| e.with_op(Op::Snapshot))
     }
 
     /// The snapshots, oldest first.
@@ -1249,7 +1284,7 @@ impl Inner {
         Ok(Arc::new(layer))
     }
 
-    async fn create_snapshot(&self, name: String, system: bool) -> Result<()> {
+    async fn create_snapshot(&self, name: String, system: bool, created_ms: Option<u64>) -> Result<()> {
         let _structure = self.structure.lock().await;
         if self.manifest().snapshots.iter().any(|s| s.name == name) {
             return Err(Error::new(ErrorKind::InvalidArgument, format!("snapshot {name:?} already exists")));
@@ -1258,9 +1293,11 @@ impl Inner {
         // The frozen head must be durable before the manifest says it is a snapshot.
         self.sync_head(0).await?;
         let layer = self.new_layer().await?;
-        let created_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let created_ms = created_ms.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        });
         let id = layer.id;
         let meta = SnapshotMeta { name: name.clone(), created_ms, system };
         let result = self
@@ -1509,6 +1546,62 @@ impl Inner {
         })
         .await?;
         tracing::info!(dir = %self.dir.display(), snapshot = %name, "reverted to snapshot");
+        Ok(())
+    }
+
+    async fn truncate(&self, keep: Option<String>) -> Result<()> {
+        // A merge takes the structure lock when it ends: wait for it outside.
+        let _structure = loop {
+            let done = self.merge_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.merging.load(Ordering::SeqCst) {
+                done.await;
+                continue;
+            }
+            let guard = self.structure.lock().await;
+            if !self.merging.load(Ordering::SeqCst) {
+                break guard;
+            }
+        };
+        let kept = match &keep {
+            None => 0,
+            Some(name) => {
+                let m = self.manifest();
+                m.snapshots.iter().position(|s| s.name == *name).ok_or_else(|| no_snapshot(name))? + 1
+            }
+        };
+        let _all = self.lock.lock(0, self.blocks, true).await;
+        let chain = self.chain();
+        let layer = self.new_layer().await?;
+        let id = layer.id;
+        let dropped: Vec<u64> = chain[kept..].iter().map(|l| l.id).collect();
+        let result = self
+            .update_manifest(|m| {
+                m.layers.truncate(kept);
+                m.snapshots.truncate(kept);
+                m.layers.push(id);
+                m.next_layer_id = id + 1;
+                m.merging = m.merging.filter(|l| m.layers.contains(l));
+                Ok(())
+            })
+            .await;
+        if let Err(e) = result {
+            remove_layer_files(&self.dir, id);
+            return Err(e);
+        }
+        let mut next = chain[..kept].to_vec();
+        next.push(layer);
+        self.set_chain(next);
+        let dir = self.dir.clone();
+        blocking(move || {
+            for l in dropped {
+                remove_layer_files(&dir, l);
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::info!(dir = %self.dir.display(), kept, "layers above the kept snapshots dropped");
         Ok(())
     }
 

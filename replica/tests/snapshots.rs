@@ -390,3 +390,59 @@ async fn kill_during_merge() {
     }
     assert!(interrupted > 0, "no kill landed inside a merge; the test proved nothing");
 }
+
+/// What a rebuild uses: each snapshot's own layer (Data, Zero, Hole), the
+/// creation time given by the controller, and dropping the layers above a
+/// snapshot (the head too), also across a reopen.
+#[tokio::test]
+async fn layer_status_and_truncate() {
+    let size = 4 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), size).await;
+    let mut model = vec![0u8; size as usize];
+    write(&store, &mut model, 0, pattern(1, MIB as usize)).await;
+    store.create_snapshot_at("s1", false, Some(1234)).await.unwrap();
+    let s1 = model.clone();
+    write(&store, &mut model, 2 * MIB, pattern(2, MIB as usize)).await;
+    // Zeroing s1's data leaves ZERO records in s2's own layer.
+    store.trim(0, 64 * 1024, false).await.unwrap();
+    store.create_snapshot_at("s2", true, None).await.unwrap();
+    write(&store, &mut model, 3 * MIB, pattern(3, MIB as usize)).await;
+
+    let list = store.snapshots();
+    assert_eq!((list[0].created_ms, list[1].system), (1234, true));
+    assert!(list[1].created_ms > 1234);
+    let own = |ext: Vec<jiva_core::Extent>| ext.into_iter().map(|e| (e.length, e.state)).collect::<Vec<_>>();
+    assert_eq!(
+        own(store.snapshot_layer_status("s1", 0, size).await.unwrap()),
+        [(MIB, ExtentState::Data), (3 * MIB, ExtentState::Hole)]
+    );
+    assert_eq!(
+        own(store.snapshot_layer_status("s2", 0, size).await.unwrap()),
+        [
+            (64 * 1024, ExtentState::Zero),
+            (2 * MIB - 64 * 1024, ExtentState::Hole),
+            (MIB, ExtentState::Data),
+            (MIB, ExtentState::Hole)
+        ]
+    );
+    assert!(store.snapshot_layer_status("nope", 0, size).await.is_err());
+
+    store.truncate_snapshots(Some("s1")).await.unwrap();
+    assert_eq!(names(&store), ["s1"]);
+    check_head(&store, &s1).await;
+    check_snapshot(&store, "s1", &s1).await;
+    assert_eq!(store.head_allocated_bytes(), 0, "the new head is empty");
+    assert!(store.truncate_snapshots(Some("s2")).await.is_err(), "s2 is gone");
+    drop(store);
+    let store = open(dir.path(), size).await;
+    assert_eq!(names(&store), ["s1"]);
+    check_head(&store, &s1).await;
+    let files = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("layer-"));
+    assert_eq!(files.count(), 4, "two layers (data and records each), the dropped ones deleted");
+    store.truncate_snapshots(None).await.unwrap();
+    assert!(names(&store).is_empty());
+    check_head(&store, &vec![0u8; size as usize]).await;
+}

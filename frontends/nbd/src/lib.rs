@@ -8,15 +8,18 @@
 //! * [`server`] runs sessions: the fixed-newstyle handshake with option
 //!   haggling, then the transmission phase with many requests in flight per
 //!   connection and simple or structured replies.
+//! * [`exports`] offers further read-only exports by name (snapshots).
 //!
 //! The crate contains no `unsafe` code.
 
 #![forbid(unsafe_code)]
 
+pub mod exports;
 pub mod proto;
 pub mod server;
 
 #[cfg(test)]
 mod test_client;
 
+pub use exports::{Exports, NoExports};
 pub use server::{NbdServer, SessionError, errno_for};

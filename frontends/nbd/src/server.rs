@@ -25,11 +25,16 @@
 //! or payload was only partly received when shutdown came is dropped
 //! unanswered. `serve` returns once every session has ended. (The spec's
 //! optional `ESHUTDOWN` replies are not used: we close instead.)
+//!
+//! Besides the main export, an [`Exports`] source may offer more under
+//! other names (a volume's snapshots as `VOL@SNAP`); they are listed by
+//! NBD_OPT_LIST and always served read-only.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -42,6 +47,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 use tracing::{Instrument, debug, info, warn};
 
+use crate::exports::{Exports, NoExports};
 use crate::proto::*;
 
 /// Default time a client has to finish the handshake.
@@ -129,16 +135,20 @@ pub(crate) fn transmission_flags(caps: &Capabilities, structured: bool) -> u16 {
 }
 
 /// An NBD server exporting one device under one name (the empty name, the
-/// protocol's "default export", selects it too).
-pub struct NbdServer<D: BlockDevice> {
+/// protocol's "default export", selects it too), and the read-only exports
+/// of `X` under theirs.
+pub struct NbdServer<D: BlockDevice, X: Exports = NoExports> {
     device: Arc<D>,
     export_name: String,
     description: Option<String>,
     handshake_timeout: Duration,
     max_in_flight: usize,
+    exports: Arc<X>,
+    /// Sessions in transmission on the main export.
+    clients: Arc<AtomicUsize>,
 }
 
-impl<D: BlockDevice> std::fmt::Debug for NbdServer<D> {
+impl<D: BlockDevice, X: Exports> std::fmt::Debug for NbdServer<D, X> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NbdServer")
             .field("export_name", &self.export_name)
@@ -157,23 +167,51 @@ impl<D: BlockDevice> NbdServer<D> {
             description: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            exports: Arc::new(NoExports),
+            clients: Arc::default(),
+        }
+    }
+}
+
+impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
+    /// Also serves the exports of `exports`, read-only.
+    pub fn with_exports<Y: Exports>(self, exports: Arc<Y>) -> NbdServer<D, Y> {
+        NbdServer {
+            device: self.device,
+            export_name: self.export_name,
+            description: self.description,
+            handshake_timeout: self.handshake_timeout,
+            max_in_flight: self.max_in_flight,
+            exports,
+            clients: self.clients,
         }
     }
 
+    /// Clients in the transmission phase on the main export now.
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::SeqCst)
+    }
+
+    /// A shared count of [`NbdServer::clients`], readable after the server
+    /// moved into its task.
+    pub fn client_counter(&self) -> Arc<AtomicUsize> {
+        self.clients.clone()
+    }
+
     /// Human-readable description sent with NBD_OPT_LIST and NBD_INFO_DESCRIPTION.
-    pub fn with_description(mut self, description: impl Into<String>) -> NbdServer<D> {
+    pub fn with_description(mut self, description: impl Into<String>) -> NbdServer<D, X> {
         self.description = Some(description.into());
         self
     }
 
     /// Time a client has to finish negotiating before it is dropped.
-    pub fn with_handshake_timeout(mut self, timeout: Duration) -> NbdServer<D> {
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> NbdServer<D, X> {
         self.handshake_timeout = timeout;
         self
     }
 
     /// Requests in flight per connection (at least 1).
-    pub fn with_max_in_flight(mut self, max: usize) -> NbdServer<D> {
+    pub fn with_max_in_flight(mut self, max: usize) -> NbdServer<D, X> {
         self.max_in_flight = max.clamp(1, Semaphore::MAX_PERMITS);
         self
     }
@@ -284,22 +322,41 @@ impl<D: BlockDevice> NbdServer<D> {
                 return Ok(());
             }
         };
-        let Some(negotiated) = negotiated else {
-            debug!("client aborted the handshake");
-            return Ok(());
-        };
-        self.transmission(rd, wr, negotiated, shutdown).await
+        match negotiated {
+            None => {
+                debug!("client aborted the handshake");
+                Ok(())
+            }
+            Some((negotiated, Chosen::Main)) => {
+                let _client = Counted::new(&self.clients);
+                self.transmission(rd, wr, negotiated, shutdown, self.device.clone()).await
+            }
+            Some((negotiated, Chosen::Other(device))) => {
+                self.transmission(rd, wr, negotiated, shutdown, device).await
+            }
+        }
     }
 
     fn is_export(&self, name: &str) -> bool {
         name.is_empty() || name == self.export_name
     }
 
-    /// What the client gets if it enters transmission now.
-    fn negotiated(&self, st: &OptionState) -> Negotiated {
-        let caps = self.device.capabilities();
+    /// The export a client names, if it exists.
+    async fn choose(&self, name: &str) -> Option<Chosen<X::Device>> {
+        if self.is_export(name) {
+            return Some(Chosen::Main);
+        }
+        self.exports.open(name).await.map(Chosen::Other)
+    }
+
+    /// What the client gets if it enters transmission on `chosen` now.
+    fn negotiated(&self, st: &OptionState, chosen: &Chosen<X::Device>) -> Negotiated {
+        let (size, caps) = match chosen {
+            Chosen::Main => (self.device.size(), self.device.capabilities()),
+            Chosen::Other(d) => (d.size(), Capabilities { read_only: true, ..d.capabilities() }),
+        };
         Negotiated {
-            size: self.device.size(),
+            size,
             flags: transmission_flags(&caps, st.structured),
             caps,
             structured: st.structured,
@@ -311,7 +368,11 @@ impl<D: BlockDevice> NbdServer<D> {
     // Handshake.
 
     /// Greeting and option haggling. `Ok(None)`: the client aborted.
-    async fn handshake<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<Negotiated>, SessionError>
+    async fn handshake<R, W>(
+        &self,
+        rd: &mut R,
+        wr: &mut W,
+    ) -> Result<Option<(Negotiated, Chosen<X::Device>)>, SessionError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -362,9 +423,9 @@ impl<D: BlockDevice> NbdServer<D> {
             match next? {
                 Next::Continue => flushed?,
                 Next::Abort => return Ok(None),
-                Next::Transmit(negotiated) => {
+                Next::Transmit(negotiated, chosen) => {
                     flushed?;
-                    return Ok(Some(negotiated));
+                    return Ok(Some((negotiated, chosen)));
                 }
             }
         }
@@ -376,7 +437,7 @@ impl<D: BlockDevice> NbdServer<D> {
         option: NbdOption,
         st: &mut OptionState,
         wr: &mut W,
-    ) -> Result<Next, SessionError>
+    ) -> Result<Next<X::Device>, SessionError>
     where
         W: AsyncWrite + Unpin,
     {
@@ -385,13 +446,13 @@ impl<D: BlockDevice> NbdServer<D> {
         let mut next = Next::Continue;
         match option {
             NbdOption::ExportName(name) => {
-                if !self.is_export(&name) {
+                let Some(chosen) = self.choose(&name).await else {
                     return Err(SessionError::UnknownExport(name));
-                }
-                let negotiated = self.negotiated(st);
+                };
+                let negotiated = self.negotiated(st, &chosen);
                 let reply = ExportNameReply { size: negotiated.size, transmission_flags: negotiated.flags };
                 wr.write_all(&reply.encode(st.no_zeroes)).await?;
-                return Ok(Next::Transmit(negotiated));
+                return Ok(Next::Transmit(negotiated, chosen));
             }
             NbdOption::Abort => {
                 // Ignore a write failure: the client may not wait for the ACK.
@@ -403,18 +464,22 @@ impl<D: BlockDevice> NbdServer<D> {
                     name: self.export_name.clone(),
                     description: self.description.clone().unwrap_or_default(),
                 });
+                for name in self.exports.names().await {
+                    replies.push(OptionReply::Server { name, description: "read-only".into() });
+                }
                 replies.push(OptionReply::Ack);
             }
             NbdOption::StartTls => {
                 replies.push(OptionReply::error(REP_ERR_UNSUP, "TLS is not supported by this server"));
             }
             NbdOption::Info(req) | NbdOption::Go(req) => {
-                if self.is_export(&req.export) {
-                    let negotiated = self.negotiated(st);
-                    replies.extend(self.info_replies(&negotiated, &req.requests));
+                if let Some(chosen) = self.choose(&req.export).await {
+                    let negotiated = self.negotiated(st, &chosen);
+                    let name = if matches!(chosen, Chosen::Main) { &self.export_name } else { &req.export };
+                    replies.extend(self.info_replies(&negotiated, name, &req.requests));
                     replies.push(OptionReply::Ack);
                     if code == OPT_GO {
-                        next = Next::Transmit(negotiated);
+                        next = Next::Transmit(negotiated, chosen);
                     }
                 } else {
                     replies.push(OptionReply::error(
@@ -443,7 +508,7 @@ impl<D: BlockDevice> NbdServer<D> {
                         REP_ERR_INVALID,
                         "metadata contexts need structured replies negotiated first",
                     ));
-                } else if !self.is_export(&req.export) {
+                } else if self.choose(&req.export).await.is_none() {
                     replies.push(OptionReply::error(
                         REP_ERR_UNKNOWN,
                         format!("no export named {:?}", req.export),
@@ -469,7 +534,7 @@ impl<D: BlockDevice> NbdServer<D> {
     }
 
     /// NBD_INFO_EXPORT always, then each requested info we know, once.
-    fn info_replies(&self, negotiated: &Negotiated, requests: &[u16]) -> Vec<OptionReply> {
+    fn info_replies(&self, negotiated: &Negotiated, name: &str, requests: &[u16]) -> Vec<OptionReply> {
         let mut out = vec![OptionReply::Info(InfoReply::Export {
             size: negotiated.size,
             transmission_flags: negotiated.flags,
@@ -481,7 +546,7 @@ impl<D: BlockDevice> NbdServer<D> {
                 continue;
             }
             match info {
-                INFO_NAME => out.push(OptionReply::Info(InfoReply::Name(self.export_name.clone()))),
+                INFO_NAME => out.push(OptionReply::Info(InfoReply::Name(name.to_owned()))),
                 INFO_DESCRIPTION => {
                     if let Some(d) = &self.description {
                         out.push(OptionReply::Info(InfoReply::Description(d.clone())));
@@ -503,16 +568,18 @@ impl<D: BlockDevice> NbdServer<D> {
     // -----------------------------------------------------------------------
     // Transmission.
 
-    async fn transmission<R, W>(
+    async fn transmission<R, W, T>(
         &self,
         mut rd: R,
         wr: W,
         negotiated: Negotiated,
         mut shutdown: Shutdown,
+        device: Arc<T>,
     ) -> Result<(), SessionError>
     where
         R: AsyncRead + Unpin + Send,
         W: AsyncWrite + Unpin + Send + 'static,
+        T: BlockDevice,
     {
         debug!(
             size = negotiated.size,
@@ -521,7 +588,7 @@ impl<D: BlockDevice> NbdServer<D> {
             base_allocation = negotiated.base_allocation,
             "transmission phase"
         );
-        let conn = Arc::new(Conn { device: Arc::clone(&self.device), neg: negotiated });
+        let conn = Arc::new(Conn { device, neg: negotiated });
         let (tx, rx) = mpsc::unbounded_channel();
         let mut writer = tokio::spawn(write_replies(wr, rx));
         let limits = Limits {
@@ -586,10 +653,33 @@ struct OptionState {
     no_zeroes: bool,
 }
 
-enum Next {
+enum Next<T> {
     Continue,
     Abort,
-    Transmit(Negotiated),
+    Transmit(Negotiated, Chosen<T>),
+}
+
+/// The export a client chose.
+enum Chosen<T> {
+    Main,
+    /// One of the [`Exports`] (read-only).
+    Other(Arc<T>),
+}
+
+/// Counts a session for its lifetime.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(count: &Arc<AtomicUsize>) -> Counted {
+        count.fetch_add(1, Ordering::SeqCst);
+        Counted(count.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What a session agreed on, fixed for the transmission phase. Requests are

@@ -38,8 +38,8 @@ pub(crate) struct TestClient {
 
 impl TestClient {
     /// Starts a session on `server` over a duplex stream.
-    pub fn start<D: BlockDevice>(
-        server: &Arc<NbdServer<D>>,
+    pub fn start<D: BlockDevice, X: crate::Exports>(
+        server: &Arc<NbdServer<D, X>>,
     ) -> (TestClient, JoinHandle<Result<(), SessionError>>) {
         let (client, server_end) = tokio::io::duplex(8 << 20);
         let session = tokio::spawn(Arc::clone(server).handle_connection(server_end));

@@ -971,3 +971,57 @@ proptest::proptest! {
         });
     }
 }
+
+// ---------------------------------------------------------------------------
+// Further exports (snapshots).
+
+/// One further export, `vol@s1`.
+struct OneSnapshot(Arc<MemDevice>);
+
+impl crate::Exports for OneSnapshot {
+    type Device = MemDevice;
+
+    async fn names(&self) -> Vec<String> {
+        vec!["vol@s1".into()]
+    }
+
+    async fn open(&self, name: &str) -> Option<Arc<MemDevice>> {
+        (name == "vol@s1").then(|| self.0.clone())
+    }
+}
+
+#[tokio::test]
+async fn further_exports_are_listed_and_read_only() {
+    let main = Arc::new(MemDevice::new(SIZE));
+    let snap = Arc::new(MemDevice::new(SIZE));
+    snap.write(0, Bytes::from(pattern(7, 8192)), false).await.unwrap();
+    let server = Arc::new(
+        NbdServer::new(Arc::clone(&main), NAME).with_exports(Arc::new(OneSnapshot(Arc::clone(&snap)))),
+    );
+    let (mut c, session) = TestClient::start(&server);
+    c.greet(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
+    let list = c.option(&NbdOption::List).await;
+    assert_eq!(list[1], OptionReply::Server { name: "vol@s1".into(), description: "read-only".into() });
+    let unknown = c.option(&NbdOption::Info(InfoRequest { export: "vol@s2".into(), requests: vec![] })).await;
+    assert!(matches!(unknown.as_slice(), [OptionReply::Error { reply_type: REP_ERR_UNKNOWN, .. }]));
+    let (size, flags) = c.go("vol@s1", vec![]).await;
+    assert_eq!(size, SIZE);
+    assert_ne!(flags & FLAG_READ_ONLY, 0, "a further export is read-only even if its device is not");
+    assert_eq!(flags & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES), 0);
+    assert_eq!(server.clients(), 0, "only sessions on the main export count as clients");
+    assert_eq!(c.read(1, 0, 8192).await.data, pattern(7, 8192));
+    assert_eq!(c.write_at(2, 0, b"nope").await.error, EPERM);
+    assert_eq!(&snap.read(0, 4).await.unwrap()[..], &pattern(7, 4)[..]);
+    c.disconnect().await;
+    ends_ok(session).await;
+
+    let (mut c, session) = TestClient::start(&server);
+    c.greet(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
+    c.go(NAME, vec![]).await;
+    // The session counts once the server has taken the GO.
+    assert_eq!(c.read(1, 0, 4).await.error, 0);
+    assert_eq!(server.clients(), 1);
+    c.disconnect().await;
+    ends_ok(session).await;
+    assert_eq!(server.clients(), 0);
+}
