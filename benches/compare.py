@@ -4,9 +4,13 @@ qemu-nbd vs local io_uring, same machine, same run, same patterns.
 
 Prints a summary and writes a markdown report (default docs/benchmarks.md)
 with absolute figures, ratios to each peer, server CPU time per I/O, and a
-description of the machine. Short by default; --runtime makes it longer.
+description of the machine. Then runs benches/rebuild.py (rebuild
+throughput, CPU per GiB, foreground IOPS during a rebuild) and
+benches/snapshots.py (random-read latency with a chain of 100 snapshots vs
+1) and adds their summaries; --iscsi adds benches/iscsi.sh (iscsi-perf vs
+tgtd). Short by default; --runtime makes it longer.
 
-    benches/compare.py [--runtime 5] [--size 512M] [--out docs/benchmarks.md]
+    benches/compare.py [--runtime 5] [--size 512M] [--out docs/benchmarks.md] [--no-extras] [--iscsi]
 """
 
 import argparse
@@ -213,6 +217,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     ap.add_argument("--jiva", default=os.path.join(ROOT, "target", "release", "jiva"))
     ap.add_argument("--only", help="comma-separated target names to run (e.g. 'jiva 1r,nbdkit file')")
+    ap.add_argument("--no-extras", action="store_true",
+                    help="skip the rebuild (benches/rebuild.py) and snapshot chain (benches/snapshots.py) runs")
+    ap.add_argument("--iscsi", action="store_true", help="also run benches/iscsi.sh (iscsi-perf vs tgtd)")
     args = ap.parse_args()
     for t in ("fio", "nbdkit", "qemu-nbd"):
         need(t)
@@ -265,10 +272,35 @@ def main():
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    write_report(args, results)
+    extras = run_extras(args)
+    write_report(args, results, extras)
 
 
-def write_report(args, results):
+def run_extras(args):
+    """The other benchmark scripts, run after the NBD table; their printed
+    summaries go into the report as they are."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = []
+    if not args.no_extras and not args.only:
+        runs += [("Rebuild (1 GiB written, 2 replicas, loopback)",
+                  [sys.executable, os.path.join(here, "rebuild.py"), "--jiva", args.jiva]),
+                 ("Snapshot chain (4k random-read latency, chain of 100 vs 1)",
+                  [sys.executable, os.path.join(here, "snapshots.py"), "--jiva", args.jiva])]
+    if args.iscsi:
+        runs.append(("iSCSI (iscsi-perf, ours vs tgtd on the same file)",
+                     ["bash", os.path.join(here, "iscsi.sh")]))
+    out = []
+    for title, cmd in runs:
+        print(f"\n== {title}", flush=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        text = (p.stdout.strip() or p.stderr.strip()[-2000:]) + ("" if p.returncode == 0 else
+                                                               f"\n(exit status {p.returncode})")
+        print(text, flush=True)
+        out.append((title, text))
+    return out
+
+
+def write_report(args, results, extras=()):
     targets = list(results)
     lines = [
         "# Benchmarks",
@@ -324,6 +356,8 @@ def write_report(args, results):
             lines += ["", "3 replicas / 1 replica: " + ", ".join(
                 f"{wl} {results['jiva 3r'][wl]['iops'] / results['jiva 1r'][wl]['iops']:.2f}"
                 for wl, *_ in WORKLOADS if wl in results["jiva 3r"] and wl in results["jiva 1r"]) + "."]
+    for title, text in extras:
+        lines += ["", f"## {title}", "", "```", text, "```"]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
