@@ -151,8 +151,15 @@ async fn get_ok(api: &str, path: &str) -> anyhow::Result<Value> {
 }
 
 fn print_replicas(replicas: &Value) {
+    // As wide as the longest address (`unix:` paths are long), at least 24.
+    let width = replicas
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r["address"].as_str().map_or(0, str::len))
+        .fold(24, usize::max);
     println!(
-        "{:<24} {:<11} {:<17} {:>9} {:>9} {:>7}  REBUILD",
+        "{:<width$} {:<11} {:<17} {:>9} {:>9} {:>7}  REBUILD",
         "ADDRESS", "STATE", "STORE", "READS", "WRITES", "ERRORS"
     );
     for r in replicas.as_array().into_iter().flatten() {
@@ -171,7 +178,7 @@ fn print_replicas(replicas: &Value) {
             }
         };
         println!(
-            "{:<24} {:<11} {:<17} {:>9} {:>9} {:>7}  {}",
+            "{:<width$} {:<11} {:<17} {:>9} {:>9} {:>7}  {}",
             r["address"].as_str().unwrap_or(""),
             r["state"].as_str().unwrap_or(""),
             r["store_id"].as_str().unwrap_or("-"),
