@@ -130,19 +130,6 @@ fn qemu_io_ok(uri: &str, cmds: &[&str]) {
     );
 }
 
-/// Pid of the live process whose command line contains `needle`.
-fn pid_of(needle: &str) -> Option<i32> {
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) && cmd.contains(" replica ") {
-            return Some(pid);
-        }
-    }
-    None
-}
-
 fn sigkill(pid: i32) {
     // SAFETY: kill(2) on a pid we just looked up; at worst it is gone already.
     unsafe {
@@ -165,7 +152,7 @@ fn fio_verify_survives_twenty_replica_kill_cycles() {
                 let needle = format!("{}/replica-{k} ", vol.display());
                 let rebuilt = |s: &Value| s["replicas"][k - 1]["rebuilds_completed"].as_u64().unwrap_or(0);
                 let before = rebuilt(&status(&api));
-                let pid = pid_of(&needle).unwrap_or_else(|| panic!("no process for replica-{k}"));
+                let pid = replica_pid(&needle).unwrap_or_else(|| panic!("no process for replica-{k}"));
                 sigkill(pid);
                 // Back means: noticed, reconnected, rebuilt; then the next kill.
                 wait_until(&format!("cycle {cycle}: replica-{k} rebuilt"), Duration::from_secs(60), || {
@@ -221,7 +208,7 @@ fn incremental_rebuild_copies_only_what_changed() {
     run_ok(Command::new("nbdcopy").args([src.to_str().unwrap(), &up.uri]), MINUTE);
     // Two checkpoints pass: the bulk data is now older than any new generation.
     std::thread::sleep(Duration::from_millis(2500));
-    sigkill(pid_of(&format!("{}/replica-2 ", vol.display())).unwrap());
+    sigkill(replica_pid(&format!("{}/replica-2 ", vol.display())).unwrap());
     let nbd = format!("nbd://{}/vol", up.addr);
     qemu_io_ok(&nbd, &["write -P 0x77 1M 64k"]);
     wait_until("replica-2 rebuilt", Duration::from_secs(60), || {

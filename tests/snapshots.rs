@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{JIVA, MINUTE, Up, require, run_ok, run_with_timeout};
+use common::{JIVA, MINUTE, Up, replica_pid, require, run_ok, run_with_timeout};
 use serde_json::Value;
 
 fn qemu_io_ok(uri: &str, cmds: &[&str]) {
@@ -385,7 +385,7 @@ fn restarts_and_rebuilds_take_no_snapshots() {
         let i = (cycle % 3) as usize;
         qemu_io_ok(&uri, &[&format!("write -P {} {}M 1M", cycle + 1, 8 + cycle)]);
         let needle = format!("{}/replica-{} ", vol.display(), i + 1);
-        let pid = pid_of(&needle).unwrap_or_else(|| panic!("no process for {needle}"));
+        let pid = replica_pid(&needle).unwrap_or_else(|| panic!("no process for {needle}"));
         // SAFETY: kill(2) on a pid just looked up; at worst it is gone already.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
@@ -404,19 +404,6 @@ fn restarts_and_rebuilds_take_no_snapshots() {
         assert_same_stores(&replicas[0], r);
     }
     assert_eq!(store_contents(&replicas[0]).len(), 3, "two snapshots and the head");
-}
-
-/// Pid of the live replica process whose command line contains `needle`.
-fn pid_of(needle: &str) -> Option<i32> {
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) && cmd.contains(" replica ") {
-            return Some(pid);
-        }
-    }
-    None
 }
 
 #[test]

@@ -169,6 +169,19 @@ fn terminate(child: &mut Child) {
     }
 }
 
+/// Pid of the live replica process whose command line contains `needle`.
+pub fn replica_pid(needle: &str) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) && cmd.contains(" replica ") {
+            return Some(pid);
+        }
+    }
+    None
+}
+
 pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
