@@ -13,6 +13,7 @@ pub mod range_lock;
 pub mod remote;
 pub mod replica;
 pub mod size;
+pub mod splice;
 pub mod vectored;
 pub mod view;
 pub mod volume;

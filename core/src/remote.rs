@@ -20,11 +20,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::device::{BlockDevice, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::replica::{Connector, Replica};
-use crate::vectored;
 use crate::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
     SnapTarget, SnapshotEntry,
 };
+use crate::{splice, vectored};
 
 /// Connection settings for a [`RemoteReplica`].
 #[derive(Clone, Copy, Debug)]
@@ -208,12 +208,15 @@ impl RemoteReplica {
         match stream {
             Stream::Tcp(s) => {
                 let (rd, wr) = s.into_split();
-                tokio::spawn(write_loop(conn.clone(), rx, wr));
+                tokio::spawn(write_loop(conn.clone(), rx, wr, None));
                 tokio::spawn(read_loop(conn.clone(), rd));
             }
             Stream::Unix(s) => {
+                use std::os::fd::AsFd;
+                // Large WRITE payloads go to a local replica without a copy.
+                let zc = splice::ZeroCopy::new(s.as_fd());
                 let (rd, wr) = s.into_split();
-                tokio::spawn(write_loop(conn.clone(), rx, wr));
+                tokio::spawn(write_loop(conn.clone(), rx, wr, zc));
                 tokio::spawn(read_loop(conn.clone(), rd));
             }
         }
@@ -308,13 +311,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     conn: Arc<Conn>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     wr: W,
+    mut zc: Option<splice::ZeroCopy>,
 ) {
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
     let result: std::io::Result<()> = async {
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
             while let Some(msg) = next {
-                vectored::write_frame(&mut w, &msg.header, &msg.data).await?;
+                vectored::send_frame(&mut w, zc.as_mut(), &msg.header, msg.data).await?;
                 next = rx.try_recv().ok();
             }
             w.flush().await?;
@@ -327,6 +331,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
     conn.shut();
     let _ = w.into_inner().shutdown().await;
+    if let Some(zc) = zc {
+        zc.close().await;
+    }
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(conn: Arc<Conn>, mut rd: R) {

@@ -27,6 +27,7 @@ use crate::engine::aligned::AlignedBuf;
 use bytes::{Buf, Bytes, BytesMut};
 use jiva_core::device::{BlockDevice, ZeroFlags, check_range};
 use jiva_core::error::{Error, ErrorKind, Result};
+use jiva_core::splice::ZeroCopy;
 use jiva_core::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
     SnapshotEntry,
@@ -215,8 +216,10 @@ impl<B: Backend> ReplicaServer<B> {
                         }
                     };
                     let server = self.clone();
+                    // Large READ replies go to a local controller without a copy.
+                    let zc = ZeroCopy::new(std::os::fd::AsFd::as_fd(&stream));
                     tokio::spawn(async move {
-                        if let Err(e) = server.handle_connection(stream).await {
+                        if let Err(e) = server.handle_connection_with(stream, zc).await {
                             tracing::info!("controller connection (unix socket) ended: {e}");
                         }
                     });
@@ -261,6 +264,15 @@ impl<B: Backend> ReplicaServer<B> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.handle_connection_with(stream, None).await
+    }
+
+    /// Like [`Self::handle_connection`], sending large replies through `zc`
+    /// (a zero-copy sender for the same socket).
+    async fn handle_connection_with<S>(self: Arc<Self>, stream: S, zc: Option<ZeroCopy>) -> Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
@@ -288,7 +300,7 @@ impl<B: Backend> ReplicaServer<B> {
             return Ok(());
         }
         tracing::info!(volume = %hello.volume, epoch = hello.epoch, "controller attached");
-        self.serve_requests(rd, wr, buf, hello.epoch).await
+        self.serve_requests(rd, wr, buf, hello.epoch, zc).await
     }
 
     async fn answer_hello(&self, hello: &Hello) -> (HelloReply, bool) {
@@ -371,13 +383,14 @@ impl<B: Backend> ReplicaServer<B> {
         wr: W,
         mut buf: BytesMut,
         epoch: u64,
+        zc: Option<ZeroCopy>,
     ) -> Result<()>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel::<Response>();
-        let writer = tokio::spawn(write_responses(rx, wr));
+        let writer = tokio::spawn(write_responses(rx, wr, zc));
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let result = loop {
             let req = match wire::decode_request(&mut buf) {
@@ -537,7 +550,8 @@ async fn receive_large<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> 
     // `decode_request` returned None: the payload has not all arrived, so
     // `buf` holds only a prefix of it.
     let have = buf.len();
-    let mut data = AlignedBuf::zeroed(payload);
+    // Every byte is overwritten below (or the buffer dropped on error).
+    let mut data = AlignedBuf::for_overwrite(payload);
     data[..have].copy_from_slice(buf);
     buf.clear();
     rd.read_exact(&mut data[have..]).await?;
@@ -545,7 +559,11 @@ async fn receive_large<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> 
     Ok(Some(req))
 }
 
-async fn write_responses<W: AsyncWrite + Unpin>(mut rx: mpsc::UnboundedReceiver<Response>, wr: W) {
+async fn write_responses<W: AsyncWrite + Unpin>(
+    mut rx: mpsc::UnboundedReceiver<Response>,
+    wr: W,
+    mut zc: Option<ZeroCopy>,
+) {
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
     let result: std::io::Result<()> = async {
         while let Some(first) = rx.recv().await {
@@ -553,7 +571,7 @@ async fn write_responses<W: AsyncWrite + Unpin>(mut rx: mpsc::UnboundedReceiver<
             while let Some(resp) = next {
                 let mut header = BytesMut::with_capacity(wire::RESPONSE_LEN);
                 wire::encode_response_header(&resp, &mut header);
-                jiva_core::vectored::write_frame(&mut w, &header, &resp.payload).await?;
+                jiva_core::vectored::send_frame(&mut w, zc.as_mut(), &header, resp.payload).await?;
                 next = rx.try_recv().ok();
             }
             w.flush().await?;
@@ -563,6 +581,9 @@ async fn write_responses<W: AsyncWrite + Unpin>(mut rx: mpsc::UnboundedReceiver<
     .await;
     if let Err(e) = result {
         tracing::debug!("response writer ended: {e}");
+    }
+    if let Some(zc) = zc {
+        zc.close().await;
     }
 }
 

@@ -76,6 +76,13 @@ impl AlignedBuf {
         AlignedBuf { ptr, len, cap }
     }
 
+    /// A buffer of `len` bytes that the caller overwrites in full: from the
+    /// pool it keeps its stale (initialised) contents instead of being
+    /// cleared first; a fresh one is zeroed.
+    pub fn for_overwrite(len: usize) -> AlignedBuf {
+        AlignedBuf::recycled(len).unwrap_or_else(|| AlignedBuf::zeroed(len))
+    }
+
     /// An aligned copy of `data`.
     pub fn copy_of(data: &[u8]) -> AlignedBuf {
         let len = data.len();
