@@ -318,7 +318,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
             while let Some(msg) = next {
-                vectored::send_frame(&mut w, zc.as_mut(), &msg.header, msg.data).await?;
+                vectored::send_frame(&mut w, zc.as_mut(), msg.header, msg.data).await?;
                 next = rx.try_recv().ok();
             }
             w.flush().await?;

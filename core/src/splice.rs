@@ -83,14 +83,18 @@ fn unconsumed(sock: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(n.max(0) as u64)
 }
 
-/// Moves `data` (at most the pipe's free space) into the pipe without
-/// copying; returns how many bytes went in.
-fn vmsplice(pipe_w: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
-    let iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
-    // SAFETY: the iovec describes `data`, which stays alive and unchanged
-    // for as long as the caller holds its `Bytes` (see the module docs);
-    // vmsplice only reads through it.
-    cvt_size(unsafe { libc::vmsplice(pipe_w.as_raw_fd(), &iov, 1, libc::SPLICE_F_NONBLOCK) })
+/// Moves the bytes of `parts`, in order (at most the pipe's free space),
+/// into the pipe without copying; returns how many bytes went in.
+fn vmsplice(pipe_w: BorrowedFd<'_>, parts: &[&[u8]]) -> io::Result<usize> {
+    let iov: Vec<libc::iovec> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
+        .collect();
+    // SAFETY: each iovec describes a live slice that stays alive and
+    // unchanged for as long as the caller holds its `Bytes` (see the module
+    // docs); vmsplice only reads through them.
+    cvt_size(unsafe { libc::vmsplice(pipe_w.as_raw_fd(), iov.as_ptr(), iov.len(), libc::SPLICE_F_NONBLOCK) })
 }
 
 /// Moves up to `len` bytes from the pipe into the socket.
@@ -152,7 +156,7 @@ fn probe() -> io::Result<bool> {
     let data: Vec<u8> = (0..MIN_SPLICE_BYTES).map(|i| (i % 251) as u8).collect();
     let mut queued = 0;
     while queued < data.len() {
-        let n = vmsplice(w.as_fd(), &data[queued..])?;
+        let n = vmsplice(w.as_fd(), &[&data[queued..]])?;
         let mut left = n;
         while left > 0 {
             left -= splice_out(r.as_fd(), a.as_fd(), left)?;
@@ -176,6 +180,8 @@ pub struct ZeroCopy {
     /// Spliced payloads with the stream offset just past their end.
     held: VecDeque<(u64, Bytes)>,
     held_bytes: usize,
+    /// A send failed part-way: offsets are unknown, release only at close.
+    broken: bool,
 }
 
 impl std::fmt::Debug for ZeroCopy {
@@ -199,7 +205,15 @@ impl ZeroCopy {
             // its whole lifetime; OwnedFd always returns that same one.
             let sock = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }
                 .map_err(|e| io::Error::other(e.to_string()))?;
-            Ok(ZeroCopy { sock, pipe_r, pipe_w, written: 0, held: VecDeque::new(), held_bytes: 0 })
+            Ok(ZeroCopy {
+                sock,
+                pipe_r,
+                pipe_w,
+                written: 0,
+                held: VecDeque::new(),
+                held_bytes: 0,
+                broken: false,
+            })
         };
         make().map_err(|e| tracing::debug!("zero-copy sender not set up: {e}")).ok()
     }
@@ -208,12 +222,12 @@ impl ZeroCopy {
     /// every byte written so far has reached the socket (buffers flushed):
     /// it first releases payloads the receiver has consumed.
     pub fn wants(&mut self, len: usize) -> bool {
-        if len < MIN_SPLICE_BYTES {
+        if len < MIN_SPLICE_BYTES || self.broken {
             return false;
         }
-        if self.held_bytes + len > MAX_HELD_BYTES {
-            self.reclaim();
-        }
+        // Release promptly: held payloads keep their buffers (pooled or the
+        // frontend's receive buffers) from being reused while warm.
+        self.reclaim();
         self.held_bytes + len <= MAX_HELD_BYTES
     }
 
@@ -226,7 +240,7 @@ impl ZeroCopy {
     /// Releases held payloads the receiver has consumed. Call only when
     /// every byte counted has reached the socket.
     pub fn reclaim(&mut self) {
-        if self.held.is_empty() {
+        if self.held.is_empty() || self.broken {
             return;
         }
         let Ok(left) = unconsumed(self.sock.get_ref().as_fd()) else { return };
@@ -242,12 +256,26 @@ impl ZeroCopy {
         }
     }
 
-    /// Sends `data` without copying it; the caller must have flushed any
-    /// buffered writes to the same socket first (ordering).
-    pub async fn send(&mut self, data: Bytes) -> io::Result<()> {
+    /// Sends a frame, `head` then `data`, without copying either; the
+    /// caller must have flushed any buffered writes to the same socket
+    /// first (ordering). Both are held from the start, so even a failed or
+    /// abandoned send never frees memory the socket may still reference.
+    pub async fn send_frame(&mut self, head: Bytes, data: Bytes) -> io::Result<()> {
+        let total = head.len() + data.len();
+        let start = self.written;
+        self.written += total as u64;
+        self.held_bytes += total;
+        self.held.push_back((self.written, data.clone()));
+        self.held.push_back((self.written, head.clone()));
+        self.broken = true;
         let mut sent = 0;
-        while sent < data.len() {
-            let n = vmsplice(self.pipe_w.as_fd(), &data[sent..])?;
+        while sent < total {
+            let parts: [&[u8]; 2] = if sent < head.len() {
+                [&head[sent..], &data[..]]
+            } else {
+                [&data[sent - head.len()..], &[]]
+            };
+            let n = vmsplice(self.pipe_w.as_fd(), &parts)?;
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::WriteZero, "vmsplice moved nothing"));
             }
@@ -263,9 +291,8 @@ impl ZeroCopy {
             }
             sent += n;
         }
-        self.written += data.len() as u64;
-        self.held_bytes += data.len();
-        self.held.push_back((self.written, data));
+        debug_assert_eq!(self.written, start + total as u64);
+        self.broken = false;
         Ok(())
     }
 
@@ -320,16 +347,18 @@ mod tests {
         let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
         let Some(mut zc) = ZeroCopy::new(a.as_fd()) else { return };
         let reader = tokio::spawn(async move {
-            let mut got = vec![0u8; 3 * 300_000 + 5];
+            let mut got = vec![0u8; 3 * 300_003 + 5];
             b.read_exact(&mut got).await.unwrap();
             (got, b)
         });
         let mut expect = Vec::new();
         for k in 0..3u8 {
             let data: Vec<u8> = (0..300_000u32).map(|i| (i as u8) ^ k).collect();
-            expect.extend_from_slice(&data);
             assert!(zc.wants(data.len()));
-            zc.send(Bytes::from(data)).await.unwrap();
+            let head = Bytes::from(vec![k; 3]);
+            expect.extend_from_slice(&head);
+            expect.extend_from_slice(&data);
+            zc.send_frame(head, Bytes::from(data)).await.unwrap();
         }
         // A copied write in between keeps the offsets right.
         a.try_write(b"tail!").unwrap();
@@ -346,9 +375,9 @@ mod tests {
     async fn unread_payloads_stay_held() {
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
         let Some(mut zc) = ZeroCopy::new(a.as_fd()) else { return };
-        zc.send(Bytes::from(vec![7u8; 100_000])).await.unwrap();
+        zc.send_frame(Bytes::new(), Bytes::from(vec![7u8; 100_000])).await.unwrap();
         zc.reclaim();
-        assert_eq!(zc.held.len(), 1, "nothing read yet");
+        assert_eq!(zc.held_bytes, 100_000, "nothing read yet");
         // Closing the reader frees its queue; close() then releases.
         drop(b);
         zc.close().await;

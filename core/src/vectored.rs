@@ -8,31 +8,28 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::splice::ZeroCopy;
 
-/// Writes a frame through `w`, or, when `zc` takes its payload, the header
-/// through `w` (flushed) and the payload spliced without a copy. Keeps
-/// `zc`'s stream offsets right either way.
+/// Writes a frame through `w`, or, when `zc` takes it, flushes `w` and
+/// splices the frame (header and payload) without a copy. Keeps `zc`'s
+/// stream offsets right either way.
 pub async fn send_frame<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     zc: Option<&mut ZeroCopy>,
-    head: &[u8],
+    head: Bytes,
     data: Bytes,
 ) -> io::Result<()> {
-    let Some(zc) = zc else { return write_frame(w, head, &data).await };
+    let Some(zc) = zc else { return write_frame(w, &head, &data).await };
     if data.len() < crate::splice::MIN_SPLICE_BYTES {
         zc.count(head.len() + data.len());
-        return write_frame(w, head, &data).await;
+        return write_frame(w, &head, &data).await;
     }
     // Everything counted so far must be in the socket before `wants`
     // (which releases consumed payloads) and before the splice (ordering).
     w.flush().await?;
     if !zc.wants(data.len()) {
         zc.count(head.len() + data.len());
-        return write_frame(w, head, &data).await;
+        return write_frame(w, &head, &data).await;
     }
-    w.write_all(head).await?;
-    w.flush().await?;
-    zc.count(head.len());
-    zc.send(data).await
+    zc.send_frame(head, data).await
 }
 
 /// Writes `head` then `data` with vectored writes. Behind a

@@ -571,7 +571,7 @@ async fn write_responses<W: AsyncWrite + Unpin>(
             while let Some(resp) = next {
                 let mut header = BytesMut::with_capacity(wire::RESPONSE_LEN);
                 wire::encode_response_header(&resp, &mut header);
-                jiva_core::vectored::send_frame(&mut w, zc.as_mut(), &header, resp.payload).await?;
+                jiva_core::vectored::send_frame(&mut w, zc.as_mut(), header.freeze(), resp.payload).await?;
                 next = rx.try_recv().ok();
             }
             w.flush().await?;
