@@ -48,15 +48,19 @@ impl RangeLock {
     /// Locks `start..end` (half-open), shared or exclusive. Conflicting
     /// requests are granted in the order `lock` was called.
     pub async fn lock(&self, start: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
-        let ticket = {
+        let (ticket, granted) = {
             let mut inner = self.inner.lock().expect("range lock poisoned");
             let ticket = inner.next_ticket;
             inner.next_ticket += 1;
             inner.entries.insert(ticket, Entry { start, end, exclusive });
-            ticket
+            (ticket, granted(&inner, ticket))
         };
         // From here on the guard owns the entry, so cancellation cleans up.
         let guard = RangeGuard { lock: self, ticket };
+        // Uncontended: granted without registering as a waiter.
+        if granted {
+            return guard;
+        }
         loop {
             let notified = self.released.notified();
             tokio::pin!(notified);
@@ -69,11 +73,7 @@ impl RangeLock {
     }
 
     fn granted(&self, ticket: u64) -> bool {
-        let inner = self.inner.lock().expect("range lock poisoned");
-        let me = &inner.entries[&ticket];
-        !inner.entries.range(..ticket).any(|(_, other)| {
-            (me.exclusive || other.exclusive) && other.start < me.end && me.start < other.end
-        })
+        granted(&self.inner.lock().expect("range lock poisoned"), ticket)
     }
 
     /// Number of holders and waiters (for tests and metrics).
@@ -84,6 +84,15 @@ impl RangeLock {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Whether no earlier holder or waiter conflicts with `ticket`.
+fn granted(inner: &Inner, ticket: u64) -> bool {
+    let me = &inner.entries[&ticket];
+    !inner
+        .entries
+        .range(..ticket)
+        .any(|(_, other)| (me.exclusive || other.exclusive) && other.start < me.end && me.start < other.end)
 }
 
 impl Drop for RangeGuard<'_> {

@@ -42,11 +42,27 @@ impl Default for RemoteOptions {
 }
 
 struct Outgoing {
-    header: Bytes,
+    header: [u8; wire::REQUEST_LEN],
     data: Bytes,
 }
 
-type Pending = HashMap<u64, oneshot::Sender<Response>>;
+/// What a waiting request gets.
+enum Reply {
+    Answer(Response),
+    /// No answer within the request's bound (see [`Conn::tick`]).
+    TimedOut,
+}
+
+/// A request waiting for its answer.
+struct Waiter {
+    tx: oneshot::Sender<Reply>,
+    /// [`Conn::tick`] when it was sent.
+    sent: u64,
+    /// Ticks after which it has timed out.
+    ticks: u64,
+}
+
+type Pending = HashMap<u64, Waiter>;
 
 struct Conn {
     tx: mpsc::UnboundedSender<Outgoing>,
@@ -54,9 +70,38 @@ struct Conn {
     /// Set (under the `pending` lock) once the connection is dead.
     closed: AtomicBool,
     next_tag: AtomicU64,
+    /// A coarse clock for request timeouts, advanced every `tick_len` by
+    /// the connection's sweeper task, which fails the requests that have
+    /// waited too long. Cheaper than a timer per request (registering one
+    /// and reading the clock for every I/O).
+    tick: AtomicU64,
+    tick_len: Duration,
 }
 
 impl Conn {
+    /// Ticks to wait for a request bounded by `timeout`: at least
+    /// `timeout` (the request may be sent just before a tick), at most
+    /// `timeout` plus two ticks.
+    fn ticks_for(&self, timeout: Duration) -> u64 {
+        let n = timeout.as_nanos().div_ceil(self.tick_len.as_nanos().max(1));
+        u64::try_from(n).unwrap_or(u64::MAX / 2).saturating_add(1)
+    }
+
+    /// Fails the requests that have waited their bound.
+    fn expire(&self, now: u64) {
+        let mut pending = self.pending.lock().expect("pending poisoned");
+        let expired: Vec<u64> = pending
+            .iter()
+            .filter(|(_, w)| now.saturating_sub(w.sent) >= w.ticks)
+            .map(|(&tag, _)| tag)
+            .collect();
+        for tag in expired {
+            if let Some(w) = pending.remove(&tag) {
+                let _ = w.tx.send(Reply::TimedOut);
+            }
+        }
+    }
+
     fn shut(&self) {
         let mut pending = self.pending.lock().expect("pending poisoned");
         self.closed.store(true, Ordering::SeqCst);
@@ -204,7 +249,10 @@ impl RemoteReplica {
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             next_tag: AtomicU64::new(1),
+            tick: AtomicU64::new(0),
+            tick_len: (opts.request_timeout / TICKS_PER_TIMEOUT).max(MIN_TICK),
         });
+        tokio::spawn(sweep(conn.clone()));
         match stream {
             Stream::Tcp(s) => {
                 let (rd, wr) = s.into_split();
@@ -274,25 +322,26 @@ impl RemoteReplica {
         let conn = &*self.conn;
         let tag = conn.next_tag.fetch_add(1, Ordering::Relaxed);
         let (done_tx, done_rx) = oneshot::channel();
+        let waiter =
+            Waiter { tx: done_tx, sent: conn.tick.load(Ordering::Relaxed), ticks: conn.ticks_for(timeout) };
         {
             let mut pending = conn.pending.lock().expect("pending poisoned");
             if conn.closed.load(Ordering::SeqCst) {
                 return Err(self.disconnected(op));
             }
-            pending.insert(tag, done_tx);
+            pending.insert(tag, waiter);
         }
         let _guard = PendingGuard { conn, tag };
         req.tag = tag;
-        let mut header = BytesMut::with_capacity(wire::REQUEST_LEN);
-        wire::encode_request_header(&req, &mut header);
-        if conn.tx.send(Outgoing { header: header.freeze(), data: req.data }).is_err() {
+        let header = wire::request_header(&req);
+        if conn.tx.send(Outgoing { header, data: req.data }).is_err() {
             conn.shut();
             return Err(self.disconnected(op));
         }
-        match tokio::time::timeout(timeout, done_rx).await {
-            Ok(Ok(resp)) => resp.into_result().map_err(|e| e.with_op(op).at(offset)),
-            Ok(Err(_)) => Err(self.disconnected(op)),
-            Err(_) => Err(Error::new(
+        match done_rx.await {
+            Ok(Reply::Answer(resp)) => resp.into_result().map_err(|e| e.with_op(op).at(offset)),
+            Err(_) => Err(self.disconnected(op)),
+            Ok(Reply::TimedOut) => Err(Error::new(
                 ErrorKind::TimedOut,
                 format!("replica {} did not answer within {timeout:?}", self.addr),
             )
@@ -318,7 +367,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
             while let Some(msg) = next {
-                vectored::send_frame(&mut w, zc.as_mut(), msg.header, msg.data).await?;
+                vectored::send_frame(&mut w, zc.as_mut(), &msg.header, msg.data).await?;
                 next = rx.try_recv().ok();
             }
             w.flush().await?;
@@ -336,6 +385,24 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Request timeouts are checked this many times per `request_timeout`.
+const TICKS_PER_TIMEOUT: u32 = 16;
+/// Shortest interval between timeout checks.
+const MIN_TICK: Duration = Duration::from_millis(1);
+
+/// Advances the connection's timeout clock and fails the requests that
+/// have waited too long, until the connection closes.
+async fn sweep(conn: Arc<Conn>) {
+    let mut every = tokio::time::interval(conn.tick_len);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    while !conn.closed.load(Ordering::SeqCst) {
+        every.tick().await;
+        let now = conn.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        conn.expire(now);
+    }
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(conn: Arc<Conn>, mut rd: R) {
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let result: Result<()> = async {
@@ -343,7 +410,7 @@ async fn read_loop<R: AsyncRead + Unpin>(conn: Arc<Conn>, mut rd: R) {
             while let Some(resp) = wire::decode_response(&mut buf)? {
                 let waiter = conn.pending.lock().expect("pending poisoned").remove(&resp.tag);
                 if let Some(waiter) = waiter {
-                    let _ = waiter.send(resp);
+                    let _ = waiter.tx.send(Reply::Answer(resp));
                 }
             }
             let frame = wire::response_frame_len(&buf)?;
@@ -573,5 +640,87 @@ impl Connector for RemoteConnector {
             Error::new(ErrorKind::Protocol, format!("replica {addr} sent no metadata")).with_op(Op::Handshake)
         })?;
         Ok((r, meta))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Membership;
+
+    /// A replica that completes the handshake, then answers only the
+    /// requests `answer` accepts (in reverse order of arrival, per batch).
+    async fn fake_replica(answer: fn(&Request) -> bool) -> (String, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("jiva-remote-test-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            let hello = loop {
+                if let Some(h) = wire::decode_hello(&mut buf).unwrap() {
+                    break h;
+                }
+                assert!(s.read_buf(&mut buf).await.unwrap() > 0);
+            };
+            let meta = ReplicaMeta {
+                store_id: 1,
+                region_size: 1 << 20,
+                membership: Membership { generation: 0, epoch: 0, clean: true, members: vec![] },
+                rebuild: None,
+            };
+            let reply = HelloReply {
+                version: wire::PROTOCOL_VERSION,
+                status: 0,
+                size: hello.size,
+                epoch: hello.epoch,
+                flags: wire::HELLO_BOUND,
+                volume: hello.volume.clone(),
+                message: String::new(),
+                meta: Some(meta),
+            };
+            let mut out = BytesMut::new();
+            wire::encode_hello_reply(&reply, &mut out);
+            s.write_all(&out).await.unwrap();
+            loop {
+                let mut batch = Vec::new();
+                while let Some(req) = wire::decode_request(&mut buf).unwrap() {
+                    batch.push(req);
+                }
+                for req in batch.iter().rev().filter(|r| answer(r)) {
+                    let payload = Bytes::from(vec![req.offset as u8; req.length as usize]);
+                    let mut out = BytesMut::new();
+                    wire::encode_response_header(&Response::ok(req.tag, payload.clone()), &mut out);
+                    out.extend_from_slice(&payload);
+                    s.write_all(&out).await.unwrap();
+                }
+                if s.read_buf(&mut buf).await.unwrap() == 0 {
+                    return;
+                }
+            }
+        });
+        (format!("{UNIX_PREFIX}{}", path.display()), path)
+    }
+
+    #[tokio::test]
+    async fn unanswered_requests_time_out_and_answered_ones_do_not() {
+        // Reads at offset 0 are never answered; others are, out of order.
+        let (addr, path) = fake_replica(|r| r.offset != 0).await;
+        let timeout = Duration::from_millis(300);
+        let opts = RemoteOptions { connect_timeout: Duration::from_secs(5), request_timeout: timeout };
+        let r = RemoteReplica::connect(&addr, "v", 1 << 20, 1, opts).await.unwrap();
+        let started = std::time::Instant::now();
+        let (silent, a, b) = tokio::join!(r.read(0, 4096), r.read(1, 4096), r.read(2, 100));
+        assert_eq!(&a.unwrap()[..], &[1u8; 4096][..]);
+        assert_eq!(&b.unwrap()[..], &[2u8; 100][..]);
+        let e = silent.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        let waited = started.elapsed();
+        assert!(waited >= timeout, "timed out after {waited:?}, before {timeout:?}");
+        assert!(waited < timeout * 2, "timed out only after {waited:?}");
+        // The connection stays usable.
+        assert_eq!(&r.read(3, 512).await.unwrap()[..], &[3u8; 512][..]);
+        assert!(r.is_connected());
+        let _ = std::fs::remove_file(path);
     }
 }

@@ -14,22 +14,24 @@ use crate::splice::ZeroCopy;
 pub async fn send_frame<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     zc: Option<&mut ZeroCopy>,
-    head: Bytes,
+    head: &[u8],
     data: Bytes,
 ) -> io::Result<()> {
-    let Some(zc) = zc else { return write_frame(w, &head, &data).await };
+    let Some(zc) = zc else { return write_frame(w, head, &data).await };
     if data.len() < crate::splice::MIN_SPLICE_BYTES {
         zc.count(head.len() + data.len());
-        return write_frame(w, &head, &data).await;
+        return write_frame(w, head, &data).await;
     }
     // Everything counted so far must be in the socket before `wants`
     // (which releases consumed payloads) and before the splice (ordering).
     w.flush().await?;
     if !zc.wants(data.len()) {
         zc.count(head.len() + data.len());
-        return write_frame(w, &head, &data).await;
+        return write_frame(w, head, &data).await;
     }
-    zc.send_frame(head, data).await
+    // The header is spliced too (one syscall pair per frame), so it needs
+    // memory of its own that lives as long as the payload's.
+    zc.send_frame(Bytes::copy_from_slice(head), data).await
 }
 
 /// Writes `head` then `data` with vectored writes. Behind a

@@ -547,7 +547,7 @@ impl<C: Connector> Volume<C> {
     }
 
     pub fn healthy_count(&self) -> usize {
-        self.members_snapshot().iter().filter(|m| m.is_healthy()).count()
+        self.members.read().unwrap_or_else(PoisonError::into_inner).iter().filter(|m| m.is_healthy()).count()
     }
 
     /// Adds a replica by address; it is attached and rebuilt in the background.
@@ -618,6 +618,10 @@ impl<C: Connector> Volume<C> {
     /// Waits (bounded) until at least `min_healthy` replicas are healthy.
     async fn wait_quorum(&self, op: Op) -> Result<()> {
         let need = self.opts.min_healthy.max(1);
+        // The common case, without registering a waiter or reading the clock.
+        if self.healthy_count() >= need {
+            return Ok(());
+        }
         let deadline = tokio::time::Instant::now() + self.opts.io_wait;
         loop {
             let notified = self.health.notified();
@@ -851,17 +855,19 @@ impl<C: Connector> Volume<C> {
 
     /// Healthy members in the order a read should try them: least loaded
     /// first, ties broken round-robin.
-    fn read_order(&self) -> Vec<Pick<C::Link>> {
-        let members = self.members_snapshot();
-        let n = members.len().max(1);
-        let start = self.next_read.fetch_add(1, Ordering::Relaxed);
-        let mut order: Vec<(usize, Pick<C::Link>)> = (0..members.len())
-            .map(|i| members[(start + i) % n].clone())
-            .filter(|m| m.is_healthy())
-            .filter_map(|m| m.link().map(|l| (m.in_flight.load(Ordering::Relaxed), (m, l))))
-            .collect();
+    fn read_order(&self) -> impl Iterator<Item = Pick<C::Link>> + use<C> {
+        let mut order: Vec<(usize, Pick<C::Link>)> = {
+            let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
+            let n = members.len().max(1);
+            let start = self.next_read.fetch_add(1, Ordering::Relaxed);
+            (0..members.len())
+                .map(|i| &members[(start + i) % n])
+                .filter(|m| m.is_healthy())
+                .filter_map(|m| m.link().map(|l| (m.in_flight.load(Ordering::Relaxed), (m.clone(), l))))
+                .collect()
+        };
         order.sort_by_key(|(load, _)| *load);
-        order.into_iter().map(|(_, pick)| pick).collect()
+        order.into_iter().map(|(_, pick)| pick)
     }
 
     /// Rewrites a corrupt copy on `bad` with data read (again, under the
@@ -1075,7 +1081,7 @@ impl<C: Connector> Volume<C> {
     /// rebuild; before dropping anything, a full rebuild mark is recorded,
     /// so an interruption never trusts the head).
     async fn sync_snapshots(&self, m: &Member<C::Link>, link: &C::Link) -> Result<bool> {
-        let Some((src_m, src)) = self.read_order().into_iter().find(|(s, _)| !std::ptr::eq(&**s, m)) else {
+        let Some((src_m, src)) = self.read_order().find(|(s, _)| !std::ptr::eq(&**s, m)) else {
             // Nobody to copy from: the rebuild will say so.
             return Ok(false);
         };
@@ -1289,10 +1295,10 @@ impl<C: Connector> Volume<C> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let (src_m, src) =
-                self.read_order().into_iter().find(|(s, _)| !std::ptr::eq(&**s, m)).ok_or_else(|| {
-                    Error::new(ErrorKind::Unavailable, "no healthy replica to rebuild from")
-                })?;
+            let (src_m, src) = self
+                .read_order()
+                .find(|(s, _)| !std::ptr::eq(&**s, m))
+                .ok_or_else(|| Error::new(ErrorKind::Unavailable, "no healthy replica to rebuild from"))?;
             match self.copy_from(&src, link, start, end, stamp).await {
                 Ok(n) => {
                     src_m.reads.fetch_add(1, Ordering::Relaxed);

@@ -468,6 +468,11 @@ fn has_payload(op: Opcode) -> bool {
 /// Encodes a request header; a payload is sent after it separately (so
 /// large buffers are not copied).
 pub fn encode_request_header(r: &Request, out: &mut BytesMut) {
+    out.put_slice(&request_header(r));
+}
+
+/// The header of `r`, as [`encode_request_header`] writes it.
+pub fn request_header(r: &Request) -> [u8; REQUEST_LEN] {
     let length = if has_payload(r.opcode) { r.data.len() as u64 } else { r.length };
     let hdr = RequestHeader {
         magic: REQUEST_MAGIC.into(),
@@ -481,7 +486,9 @@ pub fn encode_request_header(r: &Request, out: &mut BytesMut) {
         crc: r.crc.into(),
         reserved2: 0.into(),
     };
-    out.put_slice(hdr.as_bytes());
+    let mut out = [0u8; REQUEST_LEN];
+    out.copy_from_slice(hdr.as_bytes());
+    out
 }
 
 /// Decodes and validates the request header at the front of `buf` (the

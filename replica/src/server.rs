@@ -21,6 +21,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use crate::engine::aligned::AlignedBuf;
@@ -415,10 +416,13 @@ impl<B: Backend> ReplicaServer<B> {
                 let _ = tx.send(Response::error(req.tag, &e));
                 break Err(e);
             }
-            let permit = slots.clone().acquire_owned().await.expect("semaphore never closed");
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => slots.clone().acquire_owned().await.expect("semaphore never closed"),
+            };
             let server = self.clone();
             let tx = tx.clone();
-            tokio::spawn(async move {
+            let mut run = Box::pin(async move {
                 let tag = req.tag;
                 let resp = match server.execute(req).await {
                     Ok(payload) => Response::ok(tag, payload),
@@ -427,6 +431,15 @@ impl<B: Backend> ReplicaServer<B> {
                 let _ = tx.send(resp);
                 drop(permit);
             });
+            // A request that can finish at once (a read the page cache
+            // holds) is answered from here, without a task of its own: a
+            // spawn, a scheduling round and a wakeup per request cost more
+            // than the read. Otherwise its task takes over the started
+            // request (and registers its own waker when it polls it).
+            let finished = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx).is_ready())).await;
+            if !finished {
+                tokio::spawn(run);
+            }
         };
         // Let in-flight requests finish and their responses go out.
         drop(tx);
@@ -571,7 +584,7 @@ async fn write_responses<W: AsyncWrite + Unpin>(
             while let Some(resp) = next {
                 let mut header = BytesMut::with_capacity(wire::RESPONSE_LEN);
                 wire::encode_response_header(&resp, &mut header);
-                jiva_core::vectored::send_frame(&mut w, zc.as_mut(), header.freeze(), resp.payload).await?;
+                jiva_core::vectored::send_frame(&mut w, zc.as_mut(), &header, resp.payload).await?;
                 next = rx.try_recv().ok();
             }
             w.flush().await?;

@@ -596,29 +596,36 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
             buffers: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES as usize)),
         };
         let mut tasks = JoinSet::new();
-
-        let result = loop {
-            while let Some(done) = tasks.try_join_next() {
-                log_join_error(done, "request");
-            }
-            let step = tokio::select! {
-                biased;
-                () = shutdown.wait() => break Ok(()),
-                // The writer ended (the client stopped reading or went away).
-                () = tx.closed() => break Ok(()),
-                step = next_request(&mut rd, &conn, &tx, &limits, &mut tasks) => step,
-            };
-            match step {
-                Ok(Step::Continue) => {}
-                Ok(Step::Disconnect) => {
-                    debug!("client disconnected (NBD_CMD_DISC)");
-                    break Ok(());
+        let result = {
+            // Created once, not per request: each registers a waiter, which
+            // costs locking its list when made and again when dropped.
+            let stop = shutdown.wait();
+            tokio::pin!(stop);
+            let writer_gone = tx.closed();
+            tokio::pin!(writer_gone);
+            loop {
+                while let Some(done) = tasks.try_join_next() {
+                    log_join_error(done, "request");
                 }
-                Ok(Step::Eof) => {
-                    debug!("client closed the connection");
-                    break Ok(());
+                let step = tokio::select! {
+                    biased;
+                    () = &mut stop => break Ok(()),
+                    // The writer ended (the client stopped reading or went away).
+                    () = &mut writer_gone => break Ok(()),
+                    step = next_request(&mut rd, &conn, &tx, &limits, &mut tasks) => step,
+                };
+                match step {
+                    Ok(Step::Continue) => {}
+                    Ok(Step::Disconnect) => {
+                        debug!("client disconnected (NBD_CMD_DISC)");
+                        break Ok(());
+                    }
+                    Ok(Step::Eof) => {
+                        debug!("client closed the connection");
+                        break Ok(());
+                    }
+                    Err(e) => break Err(e),
                 }
-                Err(e) => break Err(e),
             }
         };
 

@@ -14,8 +14,14 @@ use bytes::Bytes;
 /// Alignment that satisfies O_DIRECT on every common block device.
 pub const DIRECT_ALIGN: usize = 4096;
 
-/// Buffers of at least this size come from (and return to) the pool.
-const POOL_MIN: usize = 64 * 1024;
+/// Buffers of at least this size come from (and return to) the pool. Small
+/// ones too: a 4 KiB read buffer per request costs glibc's `memalign`
+/// (slow, and it fragments the heap) more than a pool round trip.
+const POOL_MIN: usize = 4 * 1024;
+/// Alignment of buffers whose length O_DIRECT could never accept anyway
+/// (not a multiple of 512, e.g. a 16-byte checksum record): aligning those
+/// to a page only wastes memory and `memalign` time.
+const SMALL_ALIGN: usize = 16;
 /// Largest pooled size class (the largest request is 32 MiB).
 const POOL_MAX: usize = 32 << 20;
 /// Size classes: powers of two from POOL_MIN to POOL_MAX.
@@ -45,7 +51,8 @@ fn class_of(len: usize) -> Option<(usize, usize)> {
     Some(((cap / POOL_MIN).trailing_zeros() as usize, cap))
 }
 
-/// A zero-initialised, [`DIRECT_ALIGN`]-aligned heap buffer.
+/// A zero-initialised heap buffer, [`DIRECT_ALIGN`]-aligned whenever its
+/// length is a multiple of 512 (any length O_DIRECT accepts).
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -59,8 +66,19 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len.max(1), DIRECT_ALIGN).expect("buffer size overflows a Layout")
+    /// The layout of an allocation of `cap` bytes (a function of `cap`
+    /// alone, so `Drop` finds the same one).
+    fn layout(cap: usize) -> Layout {
+        let align = if cap.is_multiple_of(512) { DIRECT_ALIGN } else { SMALL_ALIGN };
+        Layout::from_size_align(cap.max(1), align).expect("buffer size overflows a Layout")
+    }
+
+    /// A buffer for `len` bytes that the caller overwrites entirely before
+    /// reading any of it (a read's destination): like [`AlignedBuf::zeroed`],
+    /// but a recycled buffer keeps its stale (initialised) bytes instead of
+    /// being cleared first.
+    pub fn for_overwrite(len: usize) -> AlignedBuf {
+        AlignedBuf::recycled(len).unwrap_or_else(|| AlignedBuf::zeroed(len))
     }
 
     pub fn zeroed(len: usize) -> AlignedBuf {
@@ -74,13 +92,6 @@ impl AlignedBuf {
         let raw = unsafe { alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
         AlignedBuf { ptr, len, cap }
-    }
-
-    /// A buffer of `len` bytes that the caller overwrites in full: from the
-    /// pool it keeps its stale (initialised) contents instead of being
-    /// cleared first; a fresh one is zeroed.
-    pub fn for_overwrite(len: usize) -> AlignedBuf {
-        AlignedBuf::recycled(len).unwrap_or_else(|| AlignedBuf::zeroed(len))
     }
 
     /// An aligned copy of `data`.

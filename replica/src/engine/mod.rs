@@ -83,7 +83,7 @@ pub struct Request {
 
 impl Request {
     pub fn read(file: &Arc<File>, offset: u64, len: usize) -> Request {
-        Request { file: file.clone(), offset, action: Action::Read(AlignedBuf::zeroed(len)) }
+        Request { file: file.clone(), offset, action: Action::Read(AlignedBuf::for_overwrite(len)) }
     }
 
     pub fn write(file: &Arc<File>, offset: u64, data: Bytes) -> Request {
