@@ -62,6 +62,7 @@ pub trait Backend: BlockDevice {
     fn set_rebuild(&self, mark: Option<RebuildMark>) -> impl Future<Output = Result<()>> + Send;
     fn stamps(&self, first: u64, count: u64) -> Result<Vec<u64>>;
     /// Changes of volume generation `generation` (stamped before they are made).
+    /// The server polls the future to completion (it never drops it early).
     fn write_gen(
         &self,
         offset: u64,
@@ -432,10 +433,12 @@ impl<B: Backend> ReplicaServer<B> {
                 drop(permit);
             });
             // A request that can finish at once (a read the page cache
-            // holds) is answered from here, without a task of its own: a
-            // spawn, a scheduling round and a wakeup per request cost more
-            // than the read. Otherwise its task takes over the started
-            // request (and registers its own waker when it polls it).
+            // holds, a small buffered write) is answered from here, without
+            // a task of its own: a spawn, a scheduling round and a wakeup
+            // per request cost more than the I/O. Otherwise its task takes
+            // over the started request (and registers its own waker when it
+            // polls it). Either way the request runs to completion: it is
+            // never dropped half-way (`Backend::write_gen` relies on it).
             let finished = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx).is_ready())).await;
             if !finished {
                 tokio::spawn(run);
@@ -633,7 +636,9 @@ impl Backend for crate::Store {
         fua: bool,
         generation: u64,
     ) -> impl Future<Output = Result<()>> + Send {
-        crate::Store::write_gen(self, offset, data, fua, generation)
+        // The server never drops a request's future early (see
+        // `serve_requests`), so the write needs no task of its own.
+        crate::Store::write_gen_to_completion(self, offset, data, fua, generation)
     }
 
     fn write_copy(

@@ -446,6 +446,26 @@ impl Store {
         .map_err(|e| e.with_op(Op::Write))
     }
 
+    /// Like [`Store::write_gen`], but run by the caller's task instead of
+    /// a task of its own (no spawn: a write into the page cache then
+    /// completes on its first poll). The caller must poll the future to
+    /// completion, never drop it early (a dropped write would release its
+    /// range lock while the kernel may still be writing), e.g. by spawning
+    /// it if it does not complete at once.
+    pub fn write_gen_to_completion(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        generation: u64,
+    ) -> impl Future<Output = Result<()>> + Send + 'static {
+        let inner = self.inner.clone();
+        async move {
+            inner.raise_stamps(offset, data.len() as u64, generation).await?;
+            inner.write(offset, data, fua).await.map_err(|e| e.with_op(Op::Write))
+        }
+    }
+
     /// TRIM of volume generation `generation`.
     pub async fn trim_gen(&self, offset: u64, len: u64, fua: bool, generation: u64) -> Result<()> {
         let inner = self.inner.clone();
