@@ -204,30 +204,7 @@ impl<B: Backend> ReplicaServer<B> {
         listener: UnixListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> std::io::Result<()> {
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return Ok(()),
-                accepted = listener.accept() => {
-                    let stream = match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(e) => {
-                            tracing::warn!("accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let server = self.clone();
-                    // Large READ replies go to a local controller without a copy.
-                    let zc = ZeroCopy::new(std::os::fd::AsFd::as_fd(&stream));
-                    tokio::spawn(async move {
-                        if let Err(e) = server.handle_connection_with(stream, zc).await {
-                            tracing::info!("controller connection (unix socket) ended: {e}");
-                        }
-                    });
-                }
-            }
-        }
+        self.accept_loop(listener, shutdown).await
     }
 
     /// Accepts connections until `shutdown` resolves.
@@ -236,12 +213,22 @@ impl<B: Backend> ReplicaServer<B> {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> std::io::Result<()> {
+        self.accept_loop(listener, shutdown).await
+    }
+
+    /// Accepts controllers on `listener`, one task per connection, until
+    /// `shutdown` resolves; a failed accept is retried after a pause.
+    async fn accept_loop<L: ControllerListener>(
+        self: Arc<Self>,
+        listener: L,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
+                accepted = listener.accept_controller() => {
+                    let (stream, zc, peer) = match accepted {
                         Ok(x) => x,
                         Err(e) => {
                             tracing::warn!("accept failed: {e}");
@@ -249,10 +236,9 @@ impl<B: Backend> ReplicaServer<B> {
                             continue;
                         }
                     };
-                    let _ = stream.set_nodelay(true);
                     let server = self.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = server.handle_connection(stream).await {
+                        if let Err(e) = server.handle_connection_with(stream, zc).await {
                             tracing::info!(%peer, "controller connection ended: {e}");
                         }
                     });
@@ -546,6 +532,34 @@ impl<B: Backend> ReplicaServer<B> {
                 self.backend.truncate_snapshots(keep.as_deref()).await.map(|_| Bytes::new())
             }
         }
+    }
+}
+
+/// A socket the replica accepts controllers on: the connection, its
+/// zero-copy sender where the transport has one, and the peer for logs.
+trait ControllerListener: Send {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept_controller(
+        &self,
+    ) -> impl Future<Output = std::io::Result<(Self::Stream, Option<ZeroCopy>, String)>> + Send;
+}
+
+impl ControllerListener for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_controller(&self) -> std::io::Result<(Self::Stream, Option<ZeroCopy>, String)> {
+        let (stream, peer) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, None, peer.to_string()))
+    }
+}
+
+impl ControllerListener for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_controller(&self) -> std::io::Result<(Self::Stream, Option<ZeroCopy>, String)> {
+        let (stream, _) = self.accept().await?;
+        // Large READ replies go to a local controller without a copy.
+        let zc = ZeroCopy::new(std::os::fd::AsFd::as_fd(&stream));
+        Ok((stream, zc, "unix socket".to_owned()))
     }
 }
 
