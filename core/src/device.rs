@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Op, Result};
+use crate::pipe::Payload;
 
 /// The unit of allocation, checksumming and replication ordering.
 pub const BLOCK_SIZE: u32 = 4096;
@@ -100,6 +101,13 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes>> + Send;
 
+    /// Like [`BlockDevice::read`], for a caller that can splice the data
+    /// onward: devices that can hand it over in a pipe (see
+    /// [`crate::pipe`]) do so for large reads. The default reads.
+    fn read_payload(&self, offset: u64, len: usize) -> impl Future<Output = Result<Payload>> + Send {
+        async move { self.read(offset, len).await.map(Payload::Bytes) }
+    }
+
     /// Writes `data` at `offset`; with `fua` it is durable on completion.
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send;
 
@@ -140,6 +148,9 @@ impl<D: BlockDevice> BlockDevice for Arc<D> {
     }
     fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes>> + Send {
         (**self).read(offset, len)
+    }
+    fn read_payload(&self, offset: u64, len: usize) -> impl Future<Output = Result<Payload>> + Send {
+        (**self).read_payload(offset, len)
     }
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send {
         (**self).write(offset, data, fua)

@@ -9,6 +9,7 @@
 pub mod device;
 pub mod error;
 pub mod mem;
+pub mod pipe;
 pub mod range_lock;
 pub mod remote;
 pub mod replica;

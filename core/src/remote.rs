@@ -8,17 +8,18 @@
 //! later request fails with [`ErrorKind::Disconnected`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::device::{BlockDevice, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Op, Result};
+use crate::pipe::{self, Filled, Payload, Piped};
 use crate::replica::{Connector, Replica};
 use crate::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
@@ -49,6 +50,8 @@ struct Outgoing {
 /// What a waiting request gets.
 enum Reply {
     Answer(Response),
+    /// A successful READ's data, spliced into the request's pipe.
+    Piped(Piped),
     /// No answer within the request's bound (see [`Conn::tick`]).
     TimedOut,
 }
@@ -60,6 +63,8 @@ struct Waiter {
     sent: u64,
     /// Ticks after which it has timed out.
     ticks: u64,
+    /// For a piped READ: the pipe its data goes into, and the length.
+    sink: Option<(Piped, usize)>,
 }
 
 type Pending = HashMap<u64, Waiter>;
@@ -76,6 +81,10 @@ struct Conn {
     /// and reading the clock for every I/O).
     tick: AtomicU64,
     tick_len: Duration,
+    /// Piped READs waiting: while there are any, the reader takes exactly
+    /// one frame at a time, so that their payloads stay in the socket for
+    /// splicing instead of being read into memory with earlier frames.
+    piped: AtomicUsize,
 }
 
 impl Conn {
@@ -110,6 +119,15 @@ impl Conn {
     }
 }
 
+/// Counts a piped READ for as long as it waits.
+struct PipedGuard<'a>(&'a AtomicUsize);
+
+impl Drop for PipedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Removes a request's pending entry if its future is dropped early.
 struct PendingGuard<'a> {
     conn: &'a Conn,
@@ -132,6 +150,8 @@ pub struct RemoteReplica {
     meta: Option<ReplicaMeta>,
     opts: RemoteOptions,
     conn: Arc<Conn>,
+    /// READ replies can be spliced out of the connection (a Unix socket).
+    pipes: bool,
 }
 
 impl std::fmt::Debug for RemoteReplica {
@@ -251,8 +271,10 @@ impl RemoteReplica {
             next_tag: AtomicU64::new(1),
             tick: AtomicU64::new(0),
             tick_len: (opts.request_timeout / TICKS_PER_TIMEOUT).max(MIN_TICK),
+            piped: AtomicUsize::new(0),
         });
         tokio::spawn(sweep(conn.clone()));
+        let pipes = matches!(stream, Stream::Unix(_));
         match stream {
             Stream::Tcp(s) => {
                 let (rd, wr) = s.into_split();
@@ -268,7 +290,7 @@ impl RemoteReplica {
                 tokio::spawn(read_loop(conn.clone(), rd));
             }
         }
-        Ok(RemoteReplica { addr: addr.to_string(), size, epoch, meta: reply.meta, opts, conn })
+        Ok(RemoteReplica { addr: addr.to_string(), size, epoch, meta: reply.meta, opts, conn, pipes })
     }
 
     pub fn addr(&self) -> &str {
@@ -304,7 +326,17 @@ impl RemoteReplica {
     }
 
     /// Like `send`, with its own bound on the answer (for slow requests).
-    async fn send_within(&self, mut req: Request, timeout: Duration) -> Result<Bytes> {
+    async fn send_within(&self, req: Request, timeout: Duration) -> Result<Bytes> {
+        match self.exchange(req, timeout, None).await? {
+            Payload::Bytes(b) => Ok(b),
+            // Only requests with a sink get piped answers.
+            Payload::Piped(p) => p.into_bytes().map_err(Error::from),
+        }
+    }
+
+    /// Sends `req` and waits for its answer; a READ with a `sink` gets its
+    /// data spliced into that pipe (or, where that fails, in memory).
+    async fn exchange(&self, mut req: Request, timeout: Duration, sink: Option<Piped>) -> Result<Payload> {
         let (opcode, offset) = (req.opcode, req.offset);
         let op = match opcode {
             Opcode::Read | Opcode::GetStamps => Op::Read,
@@ -322,8 +354,16 @@ impl RemoteReplica {
         let conn = &*self.conn;
         let tag = conn.next_tag.fetch_add(1, Ordering::Relaxed);
         let (done_tx, done_rx) = oneshot::channel();
-        let waiter =
-            Waiter { tx: done_tx, sent: conn.tick.load(Ordering::Relaxed), ticks: conn.ticks_for(timeout) };
+        let _piped = sink.is_some().then(|| {
+            conn.piped.fetch_add(1, Ordering::Relaxed);
+            PipedGuard(&conn.piped)
+        });
+        let waiter = Waiter {
+            tx: done_tx,
+            sent: conn.tick.load(Ordering::Relaxed),
+            ticks: conn.ticks_for(timeout),
+            sink: sink.map(|p| (p, req.length as usize)),
+        };
         {
             let mut pending = conn.pending.lock().expect("pending poisoned");
             if conn.closed.load(Ordering::SeqCst) {
@@ -339,7 +379,10 @@ impl RemoteReplica {
             return Err(self.disconnected(op));
         }
         match done_rx.await {
-            Ok(Reply::Answer(resp)) => resp.into_result().map_err(|e| e.with_op(op).at(offset)),
+            Ok(Reply::Answer(resp)) => {
+                resp.into_result().map(Payload::Bytes).map_err(|e| e.with_op(op).at(offset))
+            }
+            Ok(Reply::Piped(p)) => Ok(Payload::Piped(p)),
             Err(_) => Err(self.disconnected(op)),
             Ok(Reply::TimedOut) => Err(Error::new(
                 ErrorKind::TimedOut,
@@ -348,6 +391,18 @@ impl RemoteReplica {
             .with_op(op)
             .at(offset)),
         }
+    }
+
+    fn check_read_len(&self, offset: u64, len: usize, got: usize) -> Result<()> {
+        if got != len {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                format!("replica {} returned {got} bytes for a {len}-byte read", self.addr),
+            )
+            .with_op(Op::Read)
+            .at(offset));
+        }
+        Ok(())
     }
 
     fn disconnected(&self, op: Op) -> Error {
@@ -403,11 +458,90 @@ async fn sweep(conn: Arc<Conn>) {
     }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(conn: Arc<Conn>, mut rd: R) {
+/// The receiving half of a replica connection, and whether payloads can
+/// be spliced out of it.
+trait Incoming: AsyncRead + Unpin {
+    fn splice_source(&self) -> Option<pipe::Socket<'_>>;
+}
+
+impl Incoming for tokio::net::tcp::OwnedReadHalf {
+    fn splice_source(&self) -> Option<pipe::Socket<'_>> {
+        None
+    }
+}
+
+impl Incoming for tokio::net::unix::OwnedReadHalf {
+    fn splice_source(&self) -> Option<pipe::Socket<'_>> {
+        Some(pipe::Socket::Unix(self.as_ref()))
+    }
+}
+
+/// The pipe of the waiting piped READ `tag`, if its answer is a success of
+/// the length it asked for (anything else is answered from memory).
+fn take_sink(conn: &Conn, tag: u64, status: u16, length: usize) -> Option<Piped> {
+    if status != 0 {
+        return None;
+    }
+    let mut pending = conn.pending.lock().expect("pending poisoned");
+    let waiter = pending.get_mut(&tag)?;
+    match &waiter.sink {
+        Some((_, want)) if *want == length => waiter.sink.take().map(|(p, _)| p),
+        _ => None,
+    }
+}
+
+/// Receives a `length`-byte payload whose first bytes are `prefix` (read
+/// with the header) into `pipe`, splicing the rest out of the socket; in
+/// memory where the pipe runs out of room.
+async fn receive_piped<R: Incoming>(
+    rd: &mut R,
+    mut pipe: Piped,
+    prefix: &[u8],
+    length: usize,
+) -> Result<Payload> {
+    let mut copied = Vec::new();
+    if pipe.push_bytes(prefix)? == Filled::Done {
+        let rest = length - prefix.len();
+        let filled = match rd.splice_source() {
+            Some(src) => pipe::fill_from_socket(&mut pipe, src, rest).await?,
+            None => Filled::Full(0),
+        };
+        match filled {
+            Filled::Done => return Ok(Payload::Piped(pipe)),
+            Filled::Full(_) => copied.extend_from_slice(&pipe.into_bytes()?),
+        }
+    } else {
+        copied.extend_from_slice(&pipe.into_bytes()?);
+    }
+    // The copying fallback: what the pipe took, then the rest.
+    if copied.len() < prefix.len() {
+        copied.extend_from_slice(&prefix[copied.len()..]);
+    }
+    let have = copied.len();
+    copied.resize(length, 0);
+    rd.read_exact(&mut copied[have..]).await?;
+    Ok(Payload::Bytes(Bytes::from(copied)))
+}
+
+async fn read_loop<R: Incoming>(conn: Arc<Conn>, mut rd: R) {
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let result: Result<()> = async {
         loop {
-            while let Some(resp) = wire::decode_response(&mut buf)? {
+            while let Some((tag, status, length)) = wire::decode_response_head(&buf)? {
+                if let Some(pipe) = take_sink(&conn, tag, status, length) {
+                    buf.advance(wire::RESPONSE_LEN);
+                    let prefix = buf.split_to(buf.len().min(length));
+                    let payload = receive_piped(&mut rd, pipe, &prefix, length).await?;
+                    let waiter = conn.pending.lock().expect("pending poisoned").remove(&tag);
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.tx.send(match payload {
+                            Payload::Piped(p) => Reply::Piped(p),
+                            Payload::Bytes(b) => Reply::Answer(Response::ok(tag, b)),
+                        });
+                    }
+                    continue;
+                }
+                let Some(resp) = wire::decode_response(&mut buf)? else { break };
                 let waiter = conn.pending.lock().expect("pending poisoned").remove(&resp.tag);
                 if let Some(waiter) = waiter {
                     let _ = waiter.tx.send(Reply::Answer(resp));
@@ -415,7 +549,15 @@ async fn read_loop<R: AsyncRead + Unpin>(conn: Arc<Conn>, mut rd: R) {
             }
             let frame = wire::response_frame_len(&buf)?;
             wire::reserve_frame(&mut buf, frame, 64 * 1024);
-            if rd.read_buf(&mut buf).await? == 0 {
+            let got = if conn.piped.load(Ordering::Relaxed) > 0 {
+                // One frame at a time (see `Conn::piped`): the rest of this
+                // header, or of this frame.
+                let need = frame.unwrap_or(wire::RESPONSE_LEN) - buf.len();
+                rd.read_buf(&mut bytes::BufMut::limit(&mut buf, need)).await?
+            } else {
+                rd.read_buf(&mut buf).await?
+            };
+            if got == 0 {
                 return Err(Error::new(ErrorKind::Disconnected, "replica closed the connection"));
             }
             if conn.closed.load(Ordering::SeqCst) {
@@ -445,16 +587,22 @@ impl BlockDevice for RemoteReplica {
         Capabilities::full()
     }
 
+    async fn read_payload(&self, offset: u64, len: usize) -> Result<Payload> {
+        let sink = if self.pipes && (pipe::MIN_PIPED_BYTES..=pipe::MAX_PIPED_BYTES).contains(&len) {
+            Piped::with_capacity(len).map_err(|e| tracing::debug!("no pipe for a read: {e}")).ok()
+        } else {
+            None
+        };
+        let Some(sink) = sink else { return self.read(offset, len).await.map(Payload::Bytes) };
+        let req = Request { flags: wire::FLAG_PIPE, ..Request::simple(Opcode::Read, 0, offset, len as u64) };
+        let data = self.exchange(req, self.opts.request_timeout, Some(sink)).await?;
+        self.check_read_len(offset, len, data.len())?;
+        Ok(data)
+    }
+
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         let data = self.call(Opcode::Read, 0, offset, len as u64, Bytes::new()).await?;
-        if data.len() != len {
-            return Err(Error::new(
-                ErrorKind::Protocol,
-                format!("replica {} returned {} bytes for a {len}-byte read", self.addr, data.len()),
-            )
-            .with_op(Op::Read)
-            .at(offset));
-        }
+        self.check_read_len(offset, len, data.len())?;
         Ok(data)
     }
 

@@ -27,6 +27,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::pipe::Piped;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -198,13 +200,9 @@ impl ZeroCopy {
             return None;
         }
         let make = || -> io::Result<ZeroCopy> {
-            let dup = sock.try_clone_to_owned()?;
-            widen_send_buffer(dup.as_fd());
+            widen_send_buffer(sock);
             let (pipe_r, pipe_w, _) = pipe()?;
-            // SAFETY: `dup` is an open descriptor that the AsyncFd owns for
-            // its whole lifetime; OwnedFd always returns that same one.
-            let sock = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }
-                .map_err(|e| io::Error::other(e.to_string()))?;
+            let sock = crate::pipe::register_duplicate(sock, Interest::WRITABLE)?;
             Ok(ZeroCopy {
                 sock,
                 pipe_r,
@@ -292,6 +290,16 @@ impl ZeroCopy {
             sent += n;
         }
         debug_assert_eq!(self.written, start + total as u64);
+        self.broken = false;
+        Ok(())
+    }
+
+    /// Sends what `pipe` holds (its pages are not ours to reuse, so nothing
+    /// is held for them); the caller has sent everything before it.
+    pub async fn send_piped(&mut self, mut pipe: Piped) -> io::Result<()> {
+        self.written += pipe.len() as u64;
+        self.broken = true;
+        crate::pipe::drain_to_socket(&mut pipe, crate::pipe::Socket::Fd(&self.sock)).await?;
         self.broken = false;
         Ok(())
     }

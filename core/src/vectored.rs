@@ -6,6 +6,7 @@ use std::io::{self, IoSlice};
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use crate::pipe::Piped;
 use crate::splice::ZeroCopy;
 
 /// Writes a frame through `w`, or, when `zc` takes it, flushes `w` and
@@ -32,6 +33,21 @@ pub async fn send_frame<W: AsyncWrite + Unpin + ?Sized>(
     // The header is spliced too (one syscall pair per frame), so it needs
     // memory of its own that lives as long as the payload's.
     zc.send_frame(Bytes::copy_from_slice(head), data).await
+}
+
+/// Writes a frame whose payload is in a pipe: spliced where `zc` can,
+/// else read out of the pipe and written.
+pub async fn send_piped<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    zc: Option<&mut ZeroCopy>,
+    head: &[u8],
+    data: Piped,
+) -> io::Result<()> {
+    let Some(zc) = zc else { return write_frame(w, head, &data.into_bytes()?).await };
+    zc.count(head.len());
+    w.write_all(head).await?;
+    w.flush().await?;
+    zc.send_piped(data).await
 }
 
 /// Writes `head` then `data` with vectored writes. Behind a

@@ -35,6 +35,7 @@ use tokio::sync::Notify;
 
 use crate::device::{BLOCK_SIZE, BlockDevice, Capabilities, Extent, ExtentState, ZeroFlags, block_span};
 use crate::error::{Error, ErrorKind, Op, Result};
+use crate::pipe::Payload;
 use crate::range_lock::RangeLock;
 use crate::replica::{Connector, Replica};
 use crate::wire::{Membership, RebuildMark, ReplicaMeta, SnapshotEntry};
@@ -851,6 +852,47 @@ impl<C: Connector> Volume<C> {
             self.sync_membership().await.map_err(|e| e.with_op(op).at(offset))?;
         }
         Err(self.unavailable(op))
+    }
+
+    /// A read served by one healthy replica (the least loaded), trying the
+    /// others in turn on failure; corrupt copies found on the way are
+    /// repaired from the one that served it.
+    async fn read_from_one<T, F, Fut>(&self, offset: u64, len: usize, read: F) -> Result<T>
+    where
+        F: Fn(Arc<C::Link>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.wait_unpaused().await;
+        self.wait_quorum(Op::Read).await?;
+        let mut last_err = None;
+        let mut corrupt_on: Vec<Pick<C::Link>> = Vec::new();
+        for (m, link) in self.read_order() {
+            let result = {
+                let _in_flight = InFlight::new(&m.in_flight);
+                read(link.clone()).await
+            };
+            match result {
+                Ok(data) => {
+                    m.reads.fetch_add(1, Ordering::Relaxed);
+                    for (bad, bad_link) in corrupt_on {
+                        self.repair(&bad, &bad_link, &link, offset, len).await;
+                    }
+                    return Ok(data);
+                }
+                Err(e) => {
+                    m.errors.fetch_add(1, Ordering::Relaxed);
+                    match e.kind() {
+                        k if is_request_error(k) => return Err(e.with_op(Op::Read).at(offset)),
+                        ErrorKind::Corrupt => corrupt_on.push((m.clone(), link.clone())),
+                        k if is_link_error(k) => self.fail(&m, &e).await,
+                        _ => {}
+                    }
+                    tracing::warn!(replica = %m.addr, offset, "read failed, trying another replica: {e}");
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.map(|e| e.with_op(Op::Read).at(offset)).unwrap_or_else(|| self.unavailable(Op::Read)))
     }
 
     /// Healthy members in the order a read should try them: least loaded
@@ -1692,37 +1734,11 @@ impl<C: Connector> BlockDevice for Volume<C> {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.wait_unpaused().await;
-        self.wait_quorum(Op::Read).await?;
-        let mut last_err = None;
-        let mut corrupt_on: Vec<Pick<C::Link>> = Vec::new();
-        for (m, link) in self.read_order() {
-            let result = {
-                let _in_flight = InFlight::new(&m.in_flight);
-                link.read(offset, len).await
-            };
-            match result {
-                Ok(data) => {
-                    m.reads.fetch_add(1, Ordering::Relaxed);
-                    for (bad, bad_link) in corrupt_on {
-                        self.repair(&bad, &bad_link, &link, offset, len).await;
-                    }
-                    return Ok(data);
-                }
-                Err(e) => {
-                    m.errors.fetch_add(1, Ordering::Relaxed);
-                    match e.kind() {
-                        k if is_request_error(k) => return Err(e.with_op(Op::Read).at(offset)),
-                        ErrorKind::Corrupt => corrupt_on.push((m.clone(), link.clone())),
-                        k if is_link_error(k) => self.fail(&m, &e).await,
-                        _ => {}
-                    }
-                    tracing::warn!(replica = %m.addr, offset, "read failed, trying another replica: {e}");
-                    last_err = Some(e);
-                }
-            }
-        }
-        Err(last_err.map(|e| e.with_op(Op::Read).at(offset)).unwrap_or_else(|| self.unavailable(Op::Read)))
+        self.read_from_one(offset, len, |link| async move { link.read(offset, len).await }).await
+    }
+
+    async fn read_payload(&self, offset: u64, len: usize) -> Result<Payload> {
+        self.read_from_one(offset, len, |link| async move { link.read_payload(offset, len).await }).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {

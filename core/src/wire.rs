@@ -91,6 +91,9 @@ pub const FLAG_NO_HOLE: u8 = 2;
 pub const FLAG_CRC: u8 = 4;
 /// SNAP_CREATE: a system (not user) snapshot.
 pub const FLAG_SYSTEM: u8 = 8;
+/// READ: the controller splices the reply onward, so the payload must not
+/// be sent from memory the replica will reuse (see [`crate::pipe`]).
+pub const FLAG_PIPE: u8 = 16;
 
 /// HelloReply flag: the replica's store was shut down cleanly last time.
 pub const HELLO_CLEAN: u32 = 1;
@@ -189,6 +192,7 @@ impl Opcode {
             Opcode::Trim => FLAG_FUA,
             Opcode::WriteZeroes => FLAG_FUA | FLAG_NO_HOLE,
             Opcode::SnapCreate => FLAG_SYSTEM,
+            Opcode::Read => FLAG_PIPE,
             _ => 0,
         }
     }
@@ -600,18 +604,28 @@ pub fn reserve_frame(buf: &mut BytesMut, frame: Option<usize>, min_spare: usize)
 }
 
 pub fn encode_response_header(r: &Response, out: &mut BytesMut) {
-    let hdr = ResponseHeader {
-        magic: RESPONSE_MAGIC.into(),
-        status: r.status.into(),
-        reserved: 0.into(),
-        tag: r.tag.into(),
-        length: (r.payload.len() as u32).into(),
-        reserved2: 0.into(),
-    };
-    out.put_slice(hdr.as_bytes());
+    out.put_slice(&response_head(r.tag, r.status, r.payload.len()));
 }
 
-pub fn decode_response(buf: &mut BytesMut) -> Result<Option<Response>, WireError> {
+/// The header of a response whose payload of `len` bytes is sent apart.
+pub fn response_head(tag: u64, status: u16, len: usize) -> [u8; RESPONSE_LEN] {
+    let hdr = ResponseHeader {
+        magic: RESPONSE_MAGIC.into(),
+        status: status.into(),
+        reserved: 0.into(),
+        tag: tag.into(),
+        length: u32::try_from(len).unwrap_or(u32::MAX).into(),
+        reserved2: 0.into(),
+    };
+    let mut out = [0u8; RESPONSE_LEN];
+    out.copy_from_slice(hdr.as_bytes());
+    out
+}
+
+/// The tag, status and payload length of the response at the front of
+/// `buf`, validated as [`decode_response`] does; `None` if the header is
+/// incomplete.
+pub fn decode_response_head(buf: &[u8]) -> Result<Option<(u64, u16, usize)>, WireError> {
     let Some(hdr) = peek::<ResponseHeader>(buf) else { return Ok(None) };
     if hdr.magic.get() != RESPONSE_MAGIC {
         return Err(WireError::BadMagic(hdr.magic.get()));
@@ -623,11 +637,14 @@ pub fn decode_response(buf: &mut BytesMut) -> Result<Option<Response>, WireError
     if hdr.reserved.get() != 0 || hdr.reserved2.get() != 0 {
         return Err(WireError::Reserved);
     }
-    let length = length as usize;
+    Ok(Some((hdr.tag.get(), hdr.status.get(), length as usize)))
+}
+
+pub fn decode_response(buf: &mut BytesMut) -> Result<Option<Response>, WireError> {
+    let Some((tag, status, length)) = decode_response_head(buf)? else { return Ok(None) };
     if buf.len() < RESPONSE_LEN + length {
         return Ok(None);
     }
-    let (tag, status) = (hdr.tag.get(), hdr.status.get());
     buf.advance(RESPONSE_LEN);
     let payload = buf.split_to(length).freeze();
     Ok(Some(Response { tag, status, payload }))

@@ -28,6 +28,7 @@ use crate::engine::aligned::AlignedBuf;
 use bytes::{Buf, Bytes, BytesMut};
 use jiva_core::device::{BlockDevice, ZeroFlags, check_range};
 use jiva_core::error::{Error, ErrorKind, Result};
+use jiva_core::pipe::{Payload, Piped};
 use jiva_core::splice::ZeroCopy;
 use jiva_core::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
@@ -377,7 +378,7 @@ impl<B: Backend> ReplicaServer<B> {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let (tx, rx) = mpsc::unbounded_channel::<Response>();
+        let (tx, rx) = mpsc::unbounded_channel::<Answer>();
         let writer = tokio::spawn(write_responses(rx, wr, zc));
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let result = loop {
@@ -400,7 +401,7 @@ impl<B: Backend> ReplicaServer<B> {
             };
             if self.current_epoch.load(Ordering::SeqCst) > epoch {
                 let e = Error::new(ErrorKind::Fenced, "a controller with a newer epoch has attached");
-                let _ = tx.send(Response::error(req.tag, &e));
+                let _ = tx.send(Answer::plain(Response::error(req.tag, &e)));
                 break Err(e);
             }
             let permit = match slots.clone().try_acquire_owned() {
@@ -411,11 +412,25 @@ impl<B: Backend> ReplicaServer<B> {
             let tx = tx.clone();
             let mut run = Box::pin(async move {
                 let tag = req.tag;
-                let resp = match server.execute(req).await {
-                    Ok(payload) => Response::ok(tag, payload),
-                    Err(e) => Response::error(tag, &e),
+                let answer = if req.opcode == Opcode::Read && req.flags & wire::FLAG_PIPE != 0 {
+                    match server.read_payload(&req).await {
+                        Ok(Payload::Piped(pipe)) => {
+                            Answer { resp: Response::ok(tag, Bytes::new()), pipe: Some(pipe), copy: false }
+                        }
+                        // Copied into the socket: the controller passes
+                        // these pages on, so they must not be our memory.
+                        Ok(Payload::Bytes(data)) => {
+                            Answer { resp: Response::ok(tag, data), pipe: None, copy: true }
+                        }
+                        Err(e) => Answer::plain(Response::error(tag, &e)),
+                    }
+                } else {
+                    Answer::plain(match server.execute(req).await {
+                        Ok(payload) => Response::ok(tag, payload),
+                        Err(e) => Response::error(tag, &e),
+                    })
                 };
-                let _ = tx.send(resp);
+                let _ = tx.send(answer);
                 drop(permit);
             });
             // A request that can finish at once (a read the page cache
@@ -435,6 +450,16 @@ impl<B: Backend> ReplicaServer<B> {
         let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
         let _ = writer.await;
         result
+    }
+
+    /// A READ whose data the controller splices onward: never sent from
+    /// our reusable buffers (see [`jiva_core::pipe`]).
+    async fn read_payload(&self, req: &Request) -> Result<Payload> {
+        check_range(self.backend.size(), req.offset, req.length)?;
+        if self.faults.read_fails(req.offset, req.length) {
+            return Err(Error::new(ErrorKind::Io, "injected read error").at(req.offset));
+        }
+        self.backend.read_payload(req.offset, req.length as usize).await
     }
 
     async fn execute(&self, req: Request) -> Result<Bytes> {
@@ -589,8 +614,22 @@ async fn receive_large<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> 
     Ok(Some(req))
 }
 
+/// A response for the writer; a piped READ's data in `pipe`.
+struct Answer {
+    resp: Response,
+    pipe: Option<Piped>,
+    /// Copy the payload into the socket, never splice it from memory.
+    copy: bool,
+}
+
+impl Answer {
+    fn plain(resp: Response) -> Answer {
+        Answer { resp, pipe: None, copy: false }
+    }
+}
+
 async fn write_responses<W: AsyncWrite + Unpin>(
-    mut rx: mpsc::UnboundedReceiver<Response>,
+    mut rx: mpsc::UnboundedReceiver<Answer>,
     wr: W,
     mut zc: Option<ZeroCopy>,
 ) {
@@ -598,10 +637,21 @@ async fn write_responses<W: AsyncWrite + Unpin>(
     let result: std::io::Result<()> = async {
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
-            while let Some(resp) = next {
+            while let Some(Answer { resp, pipe, copy }) = next {
+                if let Some(pipe) = pipe {
+                    let header = wire::response_head(resp.tag, resp.status, pipe.len());
+                    jiva_core::vectored::send_piped(&mut w, zc.as_mut(), &header, pipe).await?;
+                    next = rx.try_recv().ok();
+                    continue;
+                }
                 let mut header = BytesMut::with_capacity(wire::RESPONSE_LEN);
                 wire::encode_response_header(&resp, &mut header);
-                jiva_core::vectored::send_frame(&mut w, zc.as_mut(), &header, resp.payload).await?;
+                if copy && let Some(zc) = zc.as_mut() {
+                    zc.count(header.len() + resp.payload.len());
+                    jiva_core::vectored::write_frame(&mut w, &header, &resp.payload).await?;
+                } else {
+                    jiva_core::vectored::send_frame(&mut w, zc.as_mut(), &header, resp.payload).await?;
+                }
                 next = rx.try_recv().ok();
             }
             w.flush().await?;

@@ -17,12 +17,13 @@ use std::fmt;
 use std::fs::File;
 use std::future::Future;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use bytes::Bytes;
+use jiva_core::pipe::{self, Filled, Payload, Piped};
 use jiva_core::range_lock::RangeLock;
 use jiva_core::wire::{Membership, RebuildMark, ReplicaMeta};
 use jiva_core::{
@@ -639,7 +640,7 @@ impl Store {
         let (first, count) = block_span(offset, len as u64);
         let _range = self.inner.lock.lock(first, first + count, false).await;
         let layers = self.inner.view_of(name).map_err(|e| e.with_op(Op::Read))?;
-        let buf = self.inner.read_view(&layers, first, count).await.map_err(|e| e.with_op(Op::Read))?;
+        let buf = self.inner.read_view(&layers, first, count, None).await.map_err(|e| e.with_op(Op::Read))?;
         let skip = (offset - first * BS) as usize;
         Ok(Bytes::from(buf).slice(skip..skip + len))
     }
@@ -669,6 +670,10 @@ impl BlockDevice for Store {
         self.inner.read(offset, len).await.map_err(|e| e.with_op(Op::Read))
     }
 
+    async fn read_payload(&self, offset: u64, len: usize) -> Result<Payload> {
+        self.inner.read_payload(offset, len).await.map_err(|e| e.with_op(Op::Read))
+    }
+
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let inner = self.inner.clone();
         detached(async move { inner.write(offset, data, fua).await }).await.map_err(|e| e.with_op(Op::Write))
@@ -695,6 +700,42 @@ impl BlockDevice for Store {
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.inner.block_status(offset, len).await.map_err(|e| e.with_op(Op::BlockStatus))
     }
+}
+
+/// Where a block of a piped read comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The page cache of the layer at this chain position (checked).
+    Page(usize),
+    /// The read buffer (zeros, or data read around the page cache).
+    Copy,
+}
+
+/// A pipe with the blocks `first..` of `buf` (checked data), each from
+/// its [`Source`]; `None` if the pipe cannot take them all.
+fn fill_pipe(
+    chain: &[Arc<Layer>],
+    first: u64,
+    buf: &[u8],
+    sources: &[Source],
+) -> std::io::Result<Option<Piped>> {
+    let mut pipe = Piped::with_capacity(buf.len())?;
+    let mut i = 0;
+    while i < sources.len() {
+        let run = sources[i..].iter().take_while(|&&s| s == sources[i]).count();
+        let (a, n) = (i as u64, run as u64);
+        let filled = match sources[i] {
+            Source::Page(pos) => {
+                pipe.push_file(chain[pos].data.as_fd(), (first + a) * BS, (n * BS) as usize)?
+            }
+            Source::Copy => pipe.push_bytes(&buf[blocks(a, n)])?,
+        };
+        if filled != Filled::Done {
+            return Ok(None);
+        }
+        i += run;
+    }
+    Ok(Some(pipe))
 }
 
 /// What a layer says about a block.
@@ -743,14 +784,49 @@ impl Inner {
     /// Verified contents of `count` blocks from `first` as the head sees
     /// them. Callers hold the range lock.
     async fn read_blocks(&self, first: u64, count: u64) -> Result<AlignedBuf> {
-        self.read_view(&self.chain(), first, count).await
+        self.read_view(&self.chain(), first, count, None).await
+    }
+
+    /// A block-aligned read of at least [`pipe::MIN_PIPED_BYTES`] as a
+    /// pipe: the blocks are read and checked as usual, then the ones read
+    /// through the page cache go into the pipe as references to their
+    /// cached pages (still under the range lock, so they are the pages
+    /// just checked), the rest (zeros, direct reads) as copies. Anything
+    /// else, or where no pipe can be had, is an ordinary read.
+    async fn read_payload(&self, offset: u64, len: usize) -> Result<Payload> {
+        let aligned = offset.is_multiple_of(BS) && len.is_multiple_of(BSZ);
+        if !aligned || !(pipe::MIN_PIPED_BYTES..=pipe::MAX_PIPED_BYTES).contains(&len) {
+            return self.read(offset, len).await.map(Payload::Bytes);
+        }
+        let (first, count) = block_span(offset, len as u64);
+        let _range = self.lock.lock(first, first + count, false).await;
+        let chain = self.chain();
+        let mut sources = vec![Source::Copy; count as usize];
+        let buf = self.read_view(&chain, first, count, Some(&mut sources)).await?;
+        match fill_pipe(&chain, first, &buf, &sources) {
+            Ok(Some(pipe)) => Ok(Payload::Piped(pipe)),
+            Ok(None) => Ok(Payload::Bytes(Bytes::from(buf))),
+            Err(e) => {
+                tracing::debug!("read through a pipe failed, sending a copy: {e}");
+                Ok(Payload::Bytes(Bytes::from(buf)))
+            }
+        }
     }
 
     /// Verified contents of `count` blocks from `first` as the top of
     /// `layers` sees them: each block is read from the topmost layer whose
     /// index holds it (all layers in one engine batch); blocks no layer
     /// holds read as zeros without I/O. Callers hold the range lock.
-    async fn read_view(&self, layers: &[Arc<Layer>], first: u64, count: u64) -> Result<AlignedBuf> {
+    ///
+    /// With `sources` (one per block, all [`Source::Copy`] on entry), notes
+    /// the blocks whose verified data came through a layer's page cache.
+    async fn read_view(
+        &self,
+        layers: &[Arc<Layer>],
+        first: u64,
+        count: u64,
+        mut sources: Option<&mut [Source]>,
+    ) -> Result<AlignedBuf> {
         let mut out: Option<AlignedBuf> = None;
         // (block offset in the request, layers at or above this position are ruled out)
         let mut todo: Vec<(u64, usize)> = (0..count).map(|i| (i, layers.len())).collect();
@@ -768,16 +844,16 @@ impl Inner {
             if runs.is_empty() {
                 break;
             }
+            // Whether each run is read through the page cache.
+            let mut cached = Vec::with_capacity(runs.len());
             let batch = runs
                 .iter()
                 .flat_map(|&(pos, i, n)| {
                     let l = &layers[pos];
+                    let file = l.data_for_read((first + i) * BS, (n * BS) as usize);
+                    cached.push(!l.direct && Arc::ptr_eq(file, &l.data));
                     [
-                        Request::read(
-                            l.data_for_read((first + i) * BS, (n * BS) as usize),
-                            (first + i) * BS,
-                            (n * BS) as usize,
-                        ),
+                        Request::read(file, (first + i) * BS, (n * BS) as usize),
                         Request::read(&l.records, (first + i) * REC, (n * REC) as usize),
                     ]
                 })
@@ -789,7 +865,13 @@ impl Inner {
                 let mut data = bufs.pop().unwrap_or_default();
                 for i in 0..count {
                     match check_block(first + i, &data[blocks(i, 1)], &records[recs(i, 1)])? {
-                        Found::Data => {}
+                        Found::Data => {
+                            if let Some(s) = sources.as_deref_mut()
+                                && cached[0]
+                            {
+                                s[i as usize] = Source::Page(runs[0].0);
+                            }
+                        }
                         Found::Zero => data[blocks(i, 1)].fill(0),
                         Found::Missing => {
                             data[blocks(i, 1)].fill(0);
@@ -801,12 +883,19 @@ impl Inner {
                 continue;
             }
             let buf = out.get_or_insert_with(|| AlignedBuf::zeroed((count * BS) as usize));
-            for (&(pos, i0, n), pair) in runs.iter().zip(bufs.chunks(2)) {
+            for ((&(pos, i0, n), pair), &cached) in runs.iter().zip(bufs.chunks(2)).zip(&cached) {
                 for k in 0..n {
                     let i = i0 + k;
                     let block = &pair[0][blocks(k, 1)];
                     match check_block(first + i, block, &pair[1][recs(k, 1)])? {
-                        Found::Data => buf[blocks(i, 1)].copy_from_slice(block),
+                        Found::Data => {
+                            buf[blocks(i, 1)].copy_from_slice(block);
+                            if let Some(s) = sources.as_deref_mut()
+                                && cached
+                            {
+                                s[i as usize] = Source::Page(pos);
+                            }
+                        }
                         Found::Zero => buf[blocks(i, 1)].fill(0),
                         // The index was ahead of the records (a change that
                         // failed): look further down.
@@ -1632,7 +1721,7 @@ impl Inner {
             let mut a = run.start;
             while a < run.end {
                 let b = (a + STEP_BLOCKS).min(run.end);
-                let data = self.read_view(view, a, b - a).await?;
+                let data = self.read_view(view, a, b - a, None).await?;
                 let mut records = vec![0u8; ((b - a) * REC) as usize];
                 for i in 0..b - a {
                     let block = &data[blocks(i, 1)];

@@ -235,3 +235,65 @@ async fn generation_records_stamps_and_checked_writes() {
     let probed = remote::probe(&r.addr, &opts()).await.unwrap().meta.unwrap();
     assert_eq!((probed.membership, probed.rebuild), (rec, None));
 }
+
+/// Reads whose data travels in pipes (a controller on the same machine
+/// splices them onward) return exactly what plain reads do, across layers,
+/// zeroed and trimmed blocks and direct reads, while small requests share
+/// the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piped_reads_over_a_unix_socket_match_plain_reads() {
+    use jiva_core::pipe::Payload;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), SIZE, StoreOptions::default()).await.unwrap());
+    let pattern =
+        |seed: u8, len: usize| Bytes::from((0..len).map(|i| (i / 7) as u8 ^ seed).collect::<Vec<u8>>());
+    store.write(0, pattern(1, 4 << 20), false).await.unwrap();
+    store.create_snapshot("base", false).await.unwrap();
+    store.write(1 << 20, pattern(2, 1 << 20), false).await.unwrap();
+    store.write((3 << 20) + 4096, pattern(3, 8192), false).await.unwrap();
+    store.trim(5 << 19, 1 << 19, false).await.unwrap();
+    store.write_zeroes(3 << 20, 4096, ZeroFlags { no_hole: true, fua: false }).await.unwrap();
+
+    let path = dir.path().join("replica.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let server = Arc::new(ReplicaServer::new(store));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.serve_unix(listener, async move {
+        let _ = stopped.await;
+    }));
+    let addr = format!("{}{}", remote::UNIX_PREFIX, path.display());
+    let rep = Arc::new(RemoteReplica::connect(&addr, "vol", SIZE, 1, opts()).await.unwrap());
+
+    let ranges: [(u64, usize); 7] = [
+        (0, 1 << 20),
+        (1 << 19, 1 << 20),
+        ((1 << 20) - 4096, 512 << 10),
+        (5 << 19, 256 << 10),
+        ((3 << 20) - (128 << 10), 1 << 20),
+        (8 << 19, 4 << 20),
+        (4097, 300_000),
+    ];
+    let mut piped = 0;
+    for round in 0..3 {
+        let mut tasks = Vec::new();
+        for &(offset, len) in &ranges {
+            let rep = rep.clone();
+            tasks.push(tokio::spawn(async move {
+                // Small requests in between take the other framing path.
+                let small = rep.read(offset, 512);
+                let (payload, small) = tokio::join!(rep.read_payload(offset, len), small);
+                let plain = rep.read(offset, len).await.unwrap();
+                assert_eq!(&small.unwrap()[..], &plain[..512]);
+                let was_piped = matches!(payload, Ok(Payload::Piped(_)));
+                let got = payload.unwrap().into_bytes().unwrap();
+                assert!(got == plain, "round {round}: {len} bytes at {offset} differ");
+                was_piped
+            }));
+        }
+        for t in tasks {
+            piped += usize::from(t.await.unwrap());
+        }
+    }
+    assert!(piped >= 3 * 5, "only {piped} reads went through pipes");
+    let _ = stop.send(());
+}

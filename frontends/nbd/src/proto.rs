@@ -998,6 +998,21 @@ impl ReplyChunk {
         }
     }
 
+    /// The header of an OFFSET_DATA chunk whose `len` bytes of data are
+    /// sent after it separately (as [`ReplyChunk::encode`] would).
+    pub fn offset_data_head(offset: u64, len: usize, flags: u16, cookie: u64) -> Vec<u8> {
+        let header = ChunkHeader {
+            flags,
+            reply_type: REPLY_TYPE_OFFSET_DATA,
+            cookie,
+            length: u32::try_from(len.saturating_add(8)).unwrap_or(u32::MAX),
+        };
+        let mut out = Vec::with_capacity(ChunkHeader::LEN + 8);
+        out.extend_from_slice(&header.encode());
+        out.extend_from_slice(&offset.to_be_bytes());
+        out
+    }
+
     /// Encodes header and payload. The data of an OFFSET_DATA chunk is not
     /// copied: it is returned as the second element, to be sent right after
     /// the first. Error messages longer than [`MAX_STRING_LEN`] are cut.

@@ -38,9 +38,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use jiva_core::pipe::{self, Payload};
 use jiva_core::{
     BLOCK_SIZE, BlockDevice, Capabilities, Extent, ExtentState, MAX_IO_BYTES, ZeroFlags, check_range,
 };
+use std::os::fd::{AsFd, OwnedFd};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -285,7 +288,10 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
         sessions.spawn(
             async move {
                 debug!("connection accepted");
-                match server.run_session(socket, shutdown).await {
+                // Large READ replies are spliced into the socket from a
+                // pipe (see jiva_core::pipe) through this descriptor.
+                let splice = splice_fd(&socket);
+                match server.run_session(socket, shutdown, splice).await {
                     Ok(()) => debug!("session closed"),
                     Err(e) => info!(error = %e, "session ended"),
                 }
@@ -301,10 +307,15 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.run_session(stream, Shutdown(None)).await
+        self.run_session(stream, Shutdown(None), None).await
     }
 
-    async fn run_session<S>(self: Arc<Self>, stream: S, mut shutdown: Shutdown) -> Result<(), SessionError>
+    async fn run_session<S>(
+        self: Arc<Self>,
+        stream: S,
+        mut shutdown: Shutdown,
+        splice: Option<SpliceFd>,
+    ) -> Result<(), SessionError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -329,10 +340,10 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
             }
             Some((negotiated, Chosen::Main)) => {
                 let _client = Counted::new(&self.clients);
-                self.transmission(rd, wr, negotiated, shutdown, self.device.clone()).await
+                self.transmission(rd, wr, negotiated, shutdown, self.device.clone(), splice).await
             }
             Some((negotiated, Chosen::Other(device))) => {
-                self.transmission(rd, wr, negotiated, shutdown, device).await
+                self.transmission(rd, wr, negotiated, shutdown, device, splice).await
             }
         }
     }
@@ -575,6 +586,7 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
         negotiated: Negotiated,
         mut shutdown: Shutdown,
         device: Arc<T>,
+        splice: Option<SpliceFd>,
     ) -> Result<(), SessionError>
     where
         R: AsyncRead + Unpin + Send,
@@ -588,9 +600,9 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
             base_allocation = negotiated.base_allocation,
             "transmission phase"
         );
-        let conn = Arc::new(Conn { device, neg: negotiated });
+        let conn = Arc::new(Conn { device, neg: negotiated, pipes: splice.is_some() });
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut writer = tokio::spawn(write_replies(wr, rx));
+        let mut writer = tokio::spawn(write_replies(wr, rx, splice));
         let limits = Limits {
             slots: Arc::new(Semaphore::new(self.max_in_flight)),
             buffers: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES as usize)),
@@ -753,6 +765,18 @@ impl Shutdown {
 struct Conn<D> {
     device: Arc<D>,
     neg: Negotiated,
+    /// Replies can carry piped payloads.
+    pipes: bool,
+}
+
+/// A duplicate of a session socket's descriptor, registered for
+/// writability, for splicing piped payloads into it.
+type SpliceFd = AsyncFd<OwnedFd>;
+
+fn splice_fd(socket: &TcpStream) -> Option<SpliceFd> {
+    pipe::register_duplicate(socket.as_fd(), tokio::io::Interest::WRITABLE)
+        .map_err(|e| debug!(error = %e, "no splice descriptor"))
+        .ok()
 }
 
 struct Limits {
@@ -766,7 +790,7 @@ struct Limits {
 /// the request's slot and buffer budget.
 struct Outgoing {
     head: Vec<u8>,
-    data: Option<Bytes>,
+    data: Option<Payload>,
     _slot: OwnedSemaphorePermit,
     _buffer: Option<OwnedSemaphorePermit>,
 }
@@ -782,11 +806,25 @@ enum Step {
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    splice: Option<SpliceFd>,
 ) -> io::Result<()> {
     while let Some(mut msg) = rx.recv().await {
         loop {
-            let data = msg.data.as_deref().unwrap_or_default();
-            jiva_core::vectored::write_frame(&mut wr, &msg.head, data).await?;
+            match msg.data.take() {
+                Some(Payload::Piped(mut pipe)) => match &splice {
+                    Some(fd) => {
+                        // In order: everything buffered, then the header.
+                        wr.write_all(&msg.head).await?;
+                        wr.flush().await?;
+                        pipe::drain_to_socket(&mut pipe, pipe::Socket::Fd(fd)).await?;
+                    }
+                    None => jiva_core::vectored::write_frame(&mut wr, &msg.head, &pipe.into_bytes()?).await?,
+                },
+                Some(Payload::Bytes(data)) => {
+                    jiva_core::vectored::write_frame(&mut wr, &msg.head, &data).await?
+                }
+                None => jiva_core::vectored::write_frame(&mut wr, &msg.head, &[]).await?,
+            }
             drop(msg);
             match rx.try_recv() {
                 Ok(queued) => msg = queued,
@@ -861,14 +899,14 @@ where
         Ok(Action::Disconnect) => return Ok(Step::Disconnect),
         Ok(Action::Reply) => {
             let (head, data) = conn.reply_ok(&req, None);
-            let _ = tx.send(Outgoing { head, data, _slot: slot, _buffer: buffer });
+            let _ = tx.send(Outgoing { head, data: data.map(Payload::Bytes), _slot: slot, _buffer: buffer });
             return Ok(Step::Continue);
         }
         Ok(Action::Io(op)) => op,
         Err(rejection) => {
             debug!(?req, errno = rejection.errno, reason = %rejection.message, "request rejected");
             let (head, data) = conn.reply_err(&req, rejection.errno, &rejection.message, None);
-            let _ = tx.send(Outgoing { head, data, _slot: slot, _buffer: buffer });
+            let _ = tx.send(Outgoing { head, data: data.map(Payload::Bytes), _slot: slot, _buffer: buffer });
             return Ok(Step::Continue);
         }
     };
@@ -1033,15 +1071,35 @@ fn descriptors(extents: &[Extent], len: u32, req_one: bool) -> Vec<BlockDescript
 }
 
 impl<D: BlockDevice> Conn<D> {
-    async fn execute(&self, req: &Request, op: IoOp) -> (Vec<u8>, Option<Bytes>) {
+    async fn execute(&self, req: &Request, op: IoOp) -> (Vec<u8>, Option<Payload>) {
         let dev = &*self.device;
         let done = match op {
+            IoOp::Read { offset, len } if self.pipes && len >= pipe::MIN_PIPED_BYTES => {
+                match dev.read_payload(offset, len).await {
+                    Ok(Payload::Piped(p)) if p.len() == len => {
+                        return (self.reply_ok_head(req, len), Some(Payload::Piped(p)));
+                    }
+                    Ok(Payload::Bytes(data)) if data.len() == len => {
+                        let (head, data) = self.reply_ok(req, Some(data));
+                        return (head, data.map(Payload::Bytes));
+                    }
+                    Ok(data) => {
+                        let msg = format!("device returned {} bytes for a {len}-byte read", data.len());
+                        warn!(?req, "{msg}");
+                        return (self.reply_err(req, EIO, &msg, None).0, None);
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             IoOp::Read { offset, len } => match dev.read(offset, len).await {
-                Ok(data) if data.len() == len => return self.reply_ok(req, Some(data)),
+                Ok(data) if data.len() == len => {
+                    let (head, data) = self.reply_ok(req, Some(data));
+                    return (head, data.map(Payload::Bytes));
+                }
                 Ok(data) => {
                     let msg = format!("device returned {} bytes for a {len}-byte read", data.len());
                     warn!(?req, "{msg}");
-                    return self.reply_err(req, EIO, &msg, None);
+                    return (self.reply_err(req, EIO, &msg, None).0, None);
                 }
                 Err(e) => Err(e),
             },
@@ -1062,14 +1120,14 @@ impl<D: BlockDevice> Conn<D> {
                             context_id: BASE_ALLOCATION_ID,
                             descriptors: descriptors(&extents, len, req_one),
                         };
-                        return chunk.encode(REPLY_FLAG_DONE, req.cookie);
+                        return (chunk.encode(REPLY_FLAG_DONE, req.cookie).0, None);
                     }
                     Err(e) => Err(e),
                 }
             }
         };
         match done {
-            Ok(()) => self.reply_ok(req, None),
+            Ok(()) => (self.reply_ok(req, None).0, None),
             Err(e) => {
                 let errno = errno_for(e.kind(), req.command);
                 if errno == EIO {
@@ -1077,9 +1135,18 @@ impl<D: BlockDevice> Conn<D> {
                 } else {
                     debug!(?req, error = %e, "device refused request");
                 }
-                self.reply_err(req, errno, &e.to_string(), e.offset())
+                (self.reply_err(req, errno, &e.to_string(), e.offset()).0, None)
             }
         }
+    }
+
+    /// The header of a successful READ reply whose `len` bytes of data
+    /// are sent after it separately.
+    fn reply_ok_head(&self, req: &Request, len: usize) -> Vec<u8> {
+        if !self.neg.structured {
+            return SimpleReply { error: 0, cookie: req.cookie }.encode().to_vec();
+        }
+        ReplyChunk::offset_data_head(req.offset, len, REPLY_FLAG_DONE, req.cookie)
     }
 
     /// A successful reply; `data` only for READ.

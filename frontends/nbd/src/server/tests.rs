@@ -1025,3 +1025,72 @@ async fn further_exports_are_listed_and_read_only() {
     ends_ok(session).await;
     assert_eq!(server.clients(), 0);
 }
+
+/// A device that hands large reads over in pipes, as a volume with a local
+/// replica does.
+struct PipedDevice(MemDevice);
+
+impl BlockDevice for PipedDevice {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.0.read(offset, len).await
+    }
+    async fn read_payload(&self, offset: u64, len: usize) -> Result<Payload> {
+        let data = self.0.read(offset, len).await?;
+        let mut pipe = jiva_core::pipe::Piped::with_capacity(len).unwrap();
+        assert_eq!(pipe.push_bytes(&data).unwrap(), jiva_core::pipe::Filled::Done);
+        Ok(Payload::Piped(pipe))
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.0.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<()> {
+        self.0.flush().await
+    }
+}
+
+#[tokio::test]
+async fn piped_read_replies_are_spliced_in_order_with_the_others() {
+    let dev = Arc::new(PipedDevice(MemDevice::new(8 << 20)));
+    let server = Arc::new(NbdServer::new(Arc::clone(&dev), NAME));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending::<()>()));
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; ServerGreeting::LEN];
+    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut greeting).await.unwrap();
+    sock.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).await.unwrap();
+    sock.write_all(&NbdOption::ExportName(NAME.into()).encode()).await.unwrap();
+    let mut info = [0u8; ExportNameReply::LEN];
+    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut info).await.unwrap();
+
+    let data = pattern(9, 2 << 20);
+    let mut w = req(CMD_WRITE, 1, 0, 2 << 20).encode().to_vec();
+    w.extend_from_slice(&data);
+    sock.write_all(&w).await.unwrap();
+    let mut reply = [0u8; SimpleReply::LEN];
+    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut reply).await.unwrap();
+    assert_eq!(SimpleReply::parse(&reply).unwrap().error, 0);
+
+    // Large (piped) and small (copied) reads pipelined; replies may come in
+    // any order, each whole.
+    let reads: [(u64, u64, u32); 4] =
+        [(2, 0, 1 << 20), (3, 4096, 512), (4, (1 << 20) + 4096, 256 << 10), (5, 0, 4096)];
+    for &(cookie, offset, len) in &reads {
+        sock.write_all(&req(CMD_READ, cookie, offset, len).encode()).await.unwrap();
+    }
+    for _ in 0..reads.len() {
+        tokio::io::AsyncReadExt::read_exact(&mut sock, &mut reply).await.unwrap();
+        let r = SimpleReply::parse(&reply).unwrap();
+        assert_eq!(r.error, 0);
+        let &(_, offset, len) = reads.iter().find(|x| x.0 == r.cookie).expect("known cookie");
+        let mut got = vec![0u8; len as usize];
+        tokio::io::AsyncReadExt::read_exact(&mut sock, &mut got).await.unwrap();
+        assert!(got[..] == data[offset as usize..(offset + u64::from(len)) as usize], "cookie {}", r.cookie);
+    }
+}
