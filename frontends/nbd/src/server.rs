@@ -1074,35 +1074,26 @@ impl<D: BlockDevice> Conn<D> {
     async fn execute(&self, req: &Request, op: IoOp) -> (Vec<u8>, Option<Payload>) {
         let dev = &*self.device;
         let done = match op {
-            IoOp::Read { offset, len } if self.pipes && len >= pipe::MIN_PIPED_BYTES => {
-                match dev.read_payload(offset, len).await {
-                    Ok(Payload::Piped(p)) if p.len() == len => {
-                        return (self.reply_ok_head(req, len), Some(Payload::Piped(p)));
-                    }
-                    Ok(Payload::Bytes(data)) if data.len() == len => {
-                        let (head, data) = self.reply_ok(req, Some(data));
-                        return (head, data.map(Payload::Bytes));
-                    }
-                    Ok(data) => {
+            IoOp::Read { offset, len } => {
+                let read = if self.pipes && len >= pipe::MIN_PIPED_BYTES {
+                    dev.read_payload(offset, len).await
+                } else {
+                    dev.read(offset, len).await.map(Payload::Bytes)
+                };
+                match read {
+                    Ok(data) if data.len() != len => {
                         let msg = format!("device returned {} bytes for a {len}-byte read", data.len());
                         warn!(?req, "{msg}");
                         return (self.reply_err(req, EIO, &msg, None).0, None);
                     }
+                    Ok(Payload::Piped(p)) => return (self.reply_ok_head(req, len), Some(Payload::Piped(p))),
+                    Ok(Payload::Bytes(data)) => {
+                        let (head, data) = self.reply_ok(req, Some(data));
+                        return (head, data.map(Payload::Bytes));
+                    }
                     Err(e) => Err(e),
                 }
             }
-            IoOp::Read { offset, len } => match dev.read(offset, len).await {
-                Ok(data) if data.len() == len => {
-                    let (head, data) = self.reply_ok(req, Some(data));
-                    return (head, data.map(Payload::Bytes));
-                }
-                Ok(data) => {
-                    let msg = format!("device returned {} bytes for a {len}-byte read", data.len());
-                    warn!(?req, "{msg}");
-                    return (self.reply_err(req, EIO, &msg, None).0, None);
-                }
-                Err(e) => Err(e),
-            },
             IoOp::Write { offset, data, fua } => dev.write(offset, data, fua).await,
             IoOp::Flush => dev.flush().await,
             IoOp::Trim { offset, len, fua } => dev.trim(offset, len, fua).await,
