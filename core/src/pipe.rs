@@ -33,11 +33,13 @@ pub const MIN_PIPED_BYTES: usize = 256 * 1024;
 /// (`/proc/sys/fs/pipe-max-size`, 1 MiB by default).
 pub const MAX_PIPED_BYTES: usize = 1024 * 1024;
 
-fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+/// A libc return code as a result (negative: `errno`).
+pub(crate) fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
-fn cvt_size(rc: libc::ssize_t) -> io::Result<usize> {
+/// A libc byte count as a result (negative: `errno`).
+pub(crate) fn cvt_size(rc: libc::ssize_t) -> io::Result<usize> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc as usize) }
 }
 

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::pipe::Piped;
+use crate::pipe::{Piped, cvt, cvt_size};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -47,14 +47,6 @@ const SEND_BUFFER_BYTES: i32 = 4 * 1024 * 1024;
 
 /// How long [`ZeroCopy::close`] waits for the peer before leaking.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
-
-fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
-}
-
-fn cvt_size(rc: libc::ssize_t) -> io::Result<usize> {
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc as usize) }
-}
 
 /// A non-blocking pipe, as (read end, write end), widened towards
 /// [`PIPE_BYTES`]; returns its capacity too.
