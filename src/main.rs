@@ -13,6 +13,7 @@ mod clone;
 mod controller;
 mod replica;
 mod signals;
+mod spin;
 #[cfg(feature = "tcmu")]
 mod tcmu;
 mod up;
@@ -28,6 +29,11 @@ struct Cli {
     /// thread, which costs the least CPU per I/O on small machines.
     #[arg(long, global = true, default_value_t = 1, env = "JIVA_WORKER_THREADS", value_name = "N")]
     worker_threads: usize,
+    /// Microseconds a busy runtime thread polls for more work before it
+    /// sleeps (0: never); saves the cost of waking a halted CPU between
+    /// requests that follow each other closely.
+    #[arg(long, global = true, default_value_t = 200, env = "JIVA_SPIN_US", value_name = "MICROSECONDS")]
+    spin_us: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -106,8 +112,13 @@ fn main() -> ExitCode {
     tune_malloc();
     let cli = Cli::parse();
     init_logging();
+    let epolls_before = spin::epoll_fds();
     let runtime = if cli.worker_threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_park(spin::before_park)
+            .on_thread_unpark(spin::after_unpark)
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread().worker_threads(cli.worker_threads).enable_all().build()
     };
@@ -118,6 +129,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The descriptors the runtime just created are the one it sleeps on
+    // (and its duplicate for registrations).
+    if cli.worker_threads <= 1 && cli.spin_us > 0 {
+        let epolls = spin::epoll_fds().difference(&epolls_before).copied().collect();
+        spin::enable(epolls, std::time::Duration::from_micros(cli.spin_us));
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Command::Replica(ReplicaCommand { action: None, serve }) => replica::run(serve).await,
