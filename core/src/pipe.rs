@@ -346,6 +346,34 @@ pub async fn drain_to_socket(pipe: &mut Piped, sock: Socket<'_>) -> io::Result<(
     Ok(())
 }
 
+/// Sends `head` with `MSG_MORE`, so that the payload spliced next leaves
+/// in the same segment: the peer wakes once for header and data, not once
+/// for a lone header and again for the data.
+pub async fn send_more(head: &[u8], sock: Socket<'_>) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < head.len() {
+        let rest = &head[sent..];
+        sent += sock
+            .step(tokio::io::Interest::WRITABLE, &mut |fd| {
+                // SAFETY: sends from a valid slice on a descriptor we hold.
+                let rc = unsafe {
+                    libc::send(
+                        fd.as_raw_fd(),
+                        rest.as_ptr().cast(),
+                        rest.len(),
+                        libc::MSG_MORE | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                match cvt_size(rc)? {
+                    0 => Err(io::ErrorKind::WriteZero.into()),
+                    n => Ok(n),
+                }
+            })
+            .await?;
+    }
+    Ok(())
+}
+
 /// A READ's data, or a WRITE's: in memory, or in a pipe.
 #[derive(Debug)]
 pub enum Payload {

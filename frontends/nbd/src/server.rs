@@ -813,9 +813,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             match msg.data.take() {
                 Some(Payload::Piped(mut pipe)) => match &splice {
                     Some(fd) => {
-                        // In order: everything buffered, then the header.
-                        wr.write_all(&msg.head).await?;
+                        // In order: everything buffered, then the header,
+                        // held back to leave with the data.
                         wr.flush().await?;
+                        pipe::send_more(&msg.head, pipe::Socket::Fd(fd)).await?;
                         pipe::drain_to_socket(&mut pipe, pipe::Socket::Fd(fd)).await?;
                     }
                     None => jiva_core::vectored::write_frame(&mut wr, &msg.head, &pipe.into_bytes()?).await?,
