@@ -828,6 +828,9 @@ impl Inner {
         mut sources: Option<&mut [Source]>,
     ) -> Result<AlignedBuf> {
         let mut out: Option<AlignedBuf> = None;
+        // Piped replies go out as page-cache pages, so they read through
+        // the cache even where it is cold (and warm it for the next read).
+        let piped = sources.is_some();
         // (block offset in the request, layers at or above this position are ruled out)
         let mut todo: Vec<(u64, usize)> = (0..count).map(|i| (i, layers.len())).collect();
         while !todo.is_empty() {
@@ -850,7 +853,7 @@ impl Inner {
                 .iter()
                 .flat_map(|&(pos, i, n)| {
                     let l = &layers[pos];
-                    let file = l.data_for_read((first + i) * BS, (n * BS) as usize);
+                    let file = if piped { &l.data } else { l.data_for_read((first + i) * BS, (n * BS) as usize) };
                     cached.push(!l.direct && Arc::ptr_eq(file, &l.data));
                     [
                         Request::read(file, (first + i) * BS, (n * BS) as usize),
