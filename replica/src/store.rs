@@ -853,7 +853,8 @@ impl Inner {
                 .iter()
                 .flat_map(|&(pos, i, n)| {
                     let l = &layers[pos];
-                    let file = if piped { &l.data } else { l.data_for_read((first + i) * BS, (n * BS) as usize) };
+                    let file =
+                        if piped { &l.data } else { l.data_for_read((first + i) * BS, (n * BS) as usize) };
                     cached.push(!l.direct && Arc::ptr_eq(file, &l.data));
                     [
                         Request::read(file, (first + i) * BS, (n * BS) as usize),
