@@ -125,12 +125,10 @@ mod tests {
 
         let mut interest = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: 7 };
         // SAFETY: valid descriptors and a valid event struct.
-        assert_eq!(
-            unsafe {
-                libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, event.as_raw_fd(), &mut interest)
-            },
-            0
-        );
+        let added = unsafe {
+            libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, event.as_raw_fd(), &mut interest)
+        };
+        assert_eq!(added, 0);
 
         // Nothing pending: polls for the whole budget.
         let start = Instant::now();
