@@ -31,10 +31,9 @@ struct Cli {
     worker_threads: usize,
     /// Microseconds a busy runtime thread polls for more work before it
     /// sleeps (0: never); saves the cost of waking a halted CPU between
-    /// requests that follow each other closely. Default: 200 for the
-    /// controller and everything else, 0 for replicas.
-    #[arg(long, global = true, env = "JIVA_SPIN_US", value_name = "MICROSECONDS")]
-    spin_us: Option<u64>,
+    /// requests that follow each other closely.
+    #[arg(long, global = true, default_value_t = 200, env = "JIVA_SPIN_US", value_name = "MICROSECONDS")]
+    spin_us: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -132,18 +131,9 @@ fn main() -> ExitCode {
     };
     // The descriptors the runtime just created are the one it sleeps on
     // (and its duplicate for registrations).
-    // Replicas do not poll by default: with three of them, a controller and
-    // the client on two cores, polling replicas kept CPUs from the others
-    // (4k random writes at queue depth 32: 29.6k IOPS without, 20.7k with),
-    // while the controller's polling gives most of the gain at depth 1.
-    let serves_replica = matches!(
-        cli.command,
-        Command::Replica(ReplicaCommand { action: None | Some(ReplicaAction::Serve(_)), .. })
-    );
-    let spin_us = cli.spin_us.unwrap_or(if serves_replica { 0 } else { 200 });
-    if cli.worker_threads <= 1 && spin_us > 0 {
+    if cli.worker_threads <= 1 && cli.spin_us > 0 {
         let epolls = spin::epoll_fds().difference(&epolls_before).copied().collect();
-        spin::enable(epolls, std::time::Duration::from_micros(spin_us));
+        spin::enable(epolls, std::time::Duration::from_micros(cli.spin_us));
     }
     let result = runtime.block_on(async {
         match cli.command {
