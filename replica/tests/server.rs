@@ -240,6 +240,60 @@ async fn generation_records_stamps_and_checked_writes() {
 /// splices them onward) return exactly what plain reads do, across layers,
 /// zeroed and trimmed blocks and direct reads, while small requests share
 /// the connection.
+/// Whether every page of `file`'s first `len` bytes is in the page cache.
+fn resident(file: &std::fs::File, len: usize) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a fresh read-only shared mapping of an open file, unmapped
+    // below; `vec` has one byte per page of it.
+    unsafe {
+        let map =
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0);
+        assert_ne!(map, libc::MAP_FAILED);
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        assert_eq!(libc::mincore(map, len, vec.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+        vec.iter().all(|v| v & 1 == 1)
+    }
+}
+
+#[tokio::test]
+async fn cold_piped_reads_go_through_the_page_cache() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), SIZE, StoreOptions::default()).await.unwrap());
+    let data = Bytes::from((0..1usize << 20).map(|i| (i / 11) as u8).collect::<Vec<u8>>());
+    store.write(0, data.clone(), false).await.unwrap();
+    store.flush().await.unwrap();
+    let layer = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "data"))
+        .unwrap();
+    let file = std::fs::File::open(&layer).unwrap();
+    // Clean pages (flushed above) leave the cache on this advice.
+    // SAFETY: plain syscall on a descriptor we hold.
+    assert_eq!(unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 1 << 20, libc::POSIX_FADV_DONTNEED) }, 0);
+    if resident(&file, 1 << 20) {
+        eprintln!("skipped: this filesystem keeps the pages cached");
+        return;
+    }
+
+    let path = dir.path().join("replica.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let server = Arc::new(ReplicaServer::new(store));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.serve_unix(listener, async move {
+        let _ = stopped.await;
+    }));
+    let addr = format!("{}{}", remote::UNIX_PREFIX, path.display());
+    let rep = RemoteReplica::connect(&addr, "vol", SIZE, 1, opts()).await.unwrap();
+    let got = rep.read_payload(0, 1 << 20).await.unwrap().into_bytes().unwrap();
+    assert!(got == data);
+    // Read through the cache (and so warmed it), not around it with O_DIRECT.
+    assert!(resident(&file, 1 << 20), "the piped read bypassed the page cache");
+    let _ = stop.send(());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn piped_reads_over_a_unix_socket_match_plain_reads() {
     use jiva_core::pipe::Payload;
