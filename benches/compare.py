@@ -8,9 +8,13 @@ description of the machine. Then runs benches/rebuild.py (rebuild
 throughput, CPU per GiB, foreground IOPS during a rebuild) and
 benches/snapshots.py (random-read latency with a chain of 100 snapshots vs
 1) and adds their summaries; --iscsi adds benches/iscsi.sh (iscsi-perf vs
-tgtd). Short by default; --runtime makes it longer.
+tgtd). Short by default; --runtime makes it longer, --rounds N repeats the
+whole NBD table N times and reports per-cell medians (ratios are taken
+within each round, then their median and range), which is what to use on a
+shared, noisy machine.
 
-    benches/compare.py [--runtime 5] [--size 512M] [--out docs/benchmarks.md] [--no-extras] [--iscsi]
+    benches/compare.py [--runtime 5] [--rounds 1] [--size 512M] [--out docs/benchmarks.md]
+                       [--no-extras] [--iscsi]
 """
 
 import argparse
@@ -127,6 +131,7 @@ def free_port():
 
 def start_jiva(jiva, workdir, size, replicas, extra=()):
     d = os.path.join(workdir, f"jiva-{replicas}{'-'.join(extra)}")
+    shutil.rmtree(d, ignore_errors=True)  # a fresh volume every round
     proc = subprocess.Popen(
         [jiva, "up", "--dir", d, "--size", size, "--replicas", str(replicas), "--nbd", "127.0.0.1:0", *extra],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "JIVA_LOG": "warn"},
@@ -213,6 +218,8 @@ def fmt_iops(r):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runtime", type=int, default=5, help="seconds per workload (default 5)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the NBD table this many times; report medians (default 1)")
     ap.add_argument("--size", default="512M", help="volume / file size (default 512M)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     ap.add_argument("--jiva", default=os.path.join(ROOT, "target", "release", "jiva"))
@@ -241,39 +248,70 @@ def main():
     if args.only:
         keep = set(args.only.split(","))
         starters = [s for s in starters if s[0] in keep]
-    results = {}  # target -> workload -> result
+    results = {}  # target -> workload -> [result per round]
     try:
-        for name, start in starters:
-            srv = start()
-            try:
-                nbd_args = ["--ioengine=nbd", f"--uri={srv.uri}"]
-                prefill(nbd_args, args.size)
-                for wl, rw, bs, qd in WORKLOADS:
-                    pids = srv.pids()
-                    c0 = cpu_seconds(pids)
-                    r = fio(nbd_args, rw, bs, qd, args.runtime, args.size)
-                    r["cpu_us_per_io"] = (cpu_seconds(pids) - c0) * 1e6 / max(r["ios"], 1)
-                    results.setdefault(name, {})[wl] = r
-                    print(f"{name:12} {wl:20} {fmt_iops(r):>8} IOPS {r['bw'] / 2**20:8.0f} MiB/s "
-                          f"{r['lat_us']:8.0f} us  {r['cpu_us_per_io']:6.1f} us CPU/IO", flush=True)
-            finally:
-                srv.stop()
-        if not args.only or "local io_uring" in args.only:
-            path = os.path.join(workdir, "local.img")
-            make_file(path, size_bytes)
-            local = ["--ioengine=io_uring", "--direct=1", f"--filename={path}"]
-            prefill(local, args.size)
-            for wl, rw, bs, qd in WORKLOADS:
-                r = fio(local, rw, bs, qd, args.runtime, args.size)
-                r["cpu_us_per_io"] = float("nan")
-                results.setdefault("local io_uring", {})[wl] = r
-                print(f"{'local':12} {wl:20} {fmt_iops(r):>8} IOPS {r['bw'] / 2**20:8.0f} MiB/s "
-                      f"{r['lat_us']:8.0f} us", flush=True)
+        for rnd in range(1, args.rounds + 1):
+            if args.rounds > 1:
+                print(f"== round {rnd} of {args.rounds}", flush=True)
+            run_round(args, starters, workdir, size_bytes, results)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     extras = run_extras(args)
     write_report(args, results, extras)
+
+
+def run_round(args, starters, workdir, size_bytes, results):
+    """Every target once, every workload on each; appends to `results`."""
+    for name, start in starters:
+        srv = start()
+        try:
+            nbd_args = ["--ioengine=nbd", f"--uri={srv.uri}"]
+            prefill(nbd_args, args.size)
+            for wl, rw, bs, qd in WORKLOADS:
+                pids = srv.pids()
+                c0 = cpu_seconds(pids)
+                r = fio(nbd_args, rw, bs, qd, args.runtime, args.size)
+                r["cpu_us_per_io"] = (cpu_seconds(pids) - c0) * 1e6 / max(r["ios"], 1)
+                results.setdefault(name, {}).setdefault(wl, []).append(r)
+                print(f"{name:12} {wl:20} {fmt_iops(r):>8} IOPS {r['bw'] / 2**20:8.0f} MiB/s "
+                      f"{r['lat_us']:8.0f} us  {r['cpu_us_per_io']:6.1f} us CPU/IO", flush=True)
+        finally:
+            srv.stop()
+    if not args.only or "local io_uring" in args.only:
+        path = os.path.join(workdir, "local.img")
+        make_file(path, size_bytes)
+        local = ["--ioengine=io_uring", "--direct=1", f"--filename={path}"]
+        prefill(local, args.size)
+        for wl, rw, bs, qd in WORKLOADS:
+            r = fio(local, rw, bs, qd, args.runtime, args.size)
+            r["cpu_us_per_io"] = float("nan")
+            results.setdefault("local io_uring", {}).setdefault(wl, []).append(r)
+            print(f"{'local':12} {wl:20} {fmt_iops(r):>8} IOPS {r['bw'] / 2**20:8.0f} MiB/s "
+                  f"{r['lat_us']:8.0f} us", flush=True)
+        os.remove(path)
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def summarize(runs):
+    """One result from a workload's runs: the median of each figure."""
+    return {k: median([r[k] for r in runs]) for k in runs[0]}
+
+
+def ratio_cell(a_runs, b_runs):
+    """Median of the per-round IOPS ratios, with their range over several rounds."""
+    rs = [a["iops"] / b["iops"] for a, b in zip(a_runs, b_runs) if b["iops"]]
+    if not rs:
+        return "-"
+    cell = f"{median(rs):.2f}"
+    if len(rs) > 1:
+        cell += f" ({min(rs):.2f}–{max(rs):.2f})"
+    return cell
 
 
 def run_extras(args):
@@ -300,15 +338,19 @@ def run_extras(args):
     return out
 
 
-def write_report(args, results, extras=()):
-    targets = list(results)
+def write_report(args, runs, extras=()):
+    targets = list(runs)
+    results = {t: {wl: summarize(rs) for wl, rs in per.items()} for t, per in runs.items()}
+    rounds = f" --rounds {args.rounds}" if args.rounds > 1 else ""
+    medians = (f" Each figure is the median of {args.rounds} rounds; ratios are taken within a round, "
+               "shown as their median (lowest–highest)." if args.rounds > 1 else "")
     lines = [
         "# Benchmarks",
         "",
-        f"Measured {datetime.date.today().isoformat()} with `benches/compare.py --runtime {args.runtime} "
-        f"--size {args.size}` on {machine()}. Client, servers and replicas share the machine; "
+        f"Measured {datetime.date.today().isoformat()} with `benches/compare.py --runtime {args.runtime}"
+        f"{rounds} --size {args.size}` on {machine()}. Client, servers and replicas share the machine; "
         "fio's nbd engine (one connection) for every NBD target, fio io_uring O_DIRECT on a local file "
-        "for the ceiling. Shared, noisy machines: read the ratios, not the absolute numbers.",
+        "for the ceiling. Shared, noisy machines: read the ratios, not the absolute numbers." + medians,
         "",
         "## Throughput",
         "",
@@ -349,13 +391,13 @@ def write_report(args, results, extras=()):
             cells = []
             for o in ours:
                 for p in peers:
-                    a, b = results[o].get(wl), results[p].get(wl)
-                    cells.append(f"{a['iops'] / b['iops']:.2f}" if a and b and b["iops"] else "-")
+                    a, b = runs[o].get(wl), runs[p].get(wl)
+                    cells.append(ratio_cell(a, b) if a and b else "-")
             lines.append(f"| {wl} | " + " | ".join(cells) + " |")
-        if "jiva 1r" in results and "jiva 3r" in results:
+        if "jiva 1r" in runs and "jiva 3r" in runs:
             lines += ["", "3 replicas / 1 replica: " + ", ".join(
-                f"{wl} {results['jiva 3r'][wl]['iops'] / results['jiva 1r'][wl]['iops']:.2f}"
-                for wl, *_ in WORKLOADS if wl in results["jiva 3r"] and wl in results["jiva 1r"]) + "."]
+                f"{wl} {ratio_cell(runs['jiva 3r'][wl], runs['jiva 1r'][wl])}"
+                for wl, *_ in WORKLOADS if wl in runs["jiva 3r"] and wl in runs["jiva 1r"]) + "."]
     for title, text in extras:
         lines += ["", f"## {title}", "", "```", text, "```"]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
