@@ -111,6 +111,31 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Writes `data` at `offset`; with `fua` it is durable on completion.
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send;
 
+    /// Whether [`BlockDevice::write_payload`] passes a piped payload on
+    /// without copying it out of its pipe (so a frontend should receive
+    /// large WRITE payloads into pipes). The default copies: `false`.
+    fn takes_piped_writes(&self) -> bool {
+        false
+    }
+
+    /// Like [`BlockDevice::write`], with the payload possibly in a pipe
+    /// (see [`crate::pipe`]). The default reads a piped payload into
+    /// memory and writes that.
+    fn write_payload(
+        &self,
+        offset: u64,
+        data: Payload,
+        fua: bool,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            let data = match data {
+                Payload::Bytes(b) => b,
+                Payload::Piped(p) => p.into_bytes().map_err(|e| Error::from(e).with_op(Op::Write))?,
+            };
+            self.write(offset, data, fua).await
+        }
+    }
+
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
 
@@ -154,6 +179,17 @@ impl<D: BlockDevice> BlockDevice for Arc<D> {
     }
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send {
         (**self).write(offset, data, fua)
+    }
+    fn takes_piped_writes(&self) -> bool {
+        (**self).takes_piped_writes()
+    }
+    fn write_payload(
+        &self,
+        offset: u64,
+        data: Payload,
+        fua: bool,
+    ) -> impl Future<Output = Result<()>> + Send {
+        (**self).write_payload(offset, data, fua)
     }
     fn flush(&self) -> impl Future<Output = Result<()>> + Send {
         (**self).flush()

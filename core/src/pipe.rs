@@ -29,6 +29,11 @@ use bytes::{Bytes, BytesMut};
 /// to copy.
 pub const MIN_PIPED_BYTES: usize = 256 * 1024;
 
+/// WRITE payloads at least this large are received into a pipe and
+/// passed to the replicas from it (smaller ones cost more in pipe set-up
+/// than the copy saves: 256 KiB writes measured 14 % slower piped).
+pub const MIN_PIPED_WRITE_BYTES: usize = 512 * 1024;
+
 /// Largest payload held in one pipe: the unprivileged pipe size limit
 /// (`/proc/sys/fs/pipe-max-size`, 1 MiB by default).
 pub const MAX_PIPED_BYTES: usize = 1024 * 1024;

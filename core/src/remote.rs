@@ -44,7 +44,7 @@ impl Default for RemoteOptions {
 
 struct Outgoing {
     header: [u8; wire::REQUEST_LEN],
-    data: Bytes,
+    data: Payload,
 }
 
 /// What a waiting request gets.
@@ -336,7 +336,19 @@ impl RemoteReplica {
 
     /// Sends `req` and waits for its answer; a READ with a `sink` gets its
     /// data spliced into that pipe (or, where that fails, in memory).
-    async fn exchange(&self, mut req: Request, timeout: Duration, sink: Option<Piped>) -> Result<Payload> {
+    async fn exchange(&self, req: Request, timeout: Duration, sink: Option<Piped>) -> Result<Payload> {
+        self.exchange_with(req, None, timeout, sink).await
+    }
+
+    /// [`RemoteReplica::exchange`], with the payload in `piped` (sent
+    /// spliced) instead of `req.data` where given.
+    async fn exchange_with(
+        &self,
+        mut req: Request,
+        piped: Option<Piped>,
+        timeout: Duration,
+        sink: Option<Piped>,
+    ) -> Result<Payload> {
         let (opcode, offset) = (req.opcode, req.offset);
         let op = match opcode {
             Opcode::Read | Opcode::GetStamps => Op::Read,
@@ -373,8 +385,11 @@ impl RemoteReplica {
         }
         let _guard = PendingGuard { conn, tag };
         req.tag = tag;
-        let header = wire::request_header(&req);
-        if conn.tx.send(Outgoing { header, data: req.data }).is_err() {
+        let (header, data) = match piped {
+            Some(p) => (wire::request_header_sized(&req, p.len() as u64), Payload::Piped(p)),
+            None => (wire::request_header(&req), Payload::Bytes(req.data)),
+        };
+        if conn.tx.send(Outgoing { header, data }).is_err() {
             conn.shut();
             return Err(self.disconnected(op));
         }
@@ -422,7 +437,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
             while let Some(msg) = next {
-                vectored::send_frame(&mut w, zc.as_mut(), &msg.header, msg.data).await?;
+                match msg.data {
+                    Payload::Bytes(data) => {
+                        vectored::send_frame(&mut w, zc.as_mut(), &msg.header, data).await?
+                    }
+                    Payload::Piped(pipe) => {
+                        vectored::send_piped(&mut w, zc.as_mut(), &msg.header, pipe).await?
+                    }
+                }
                 next = rx.try_recv().ok();
             }
             w.flush().await?;
@@ -653,6 +675,13 @@ impl Replica for RemoteReplica {
             data,
         };
         self.send(req).await.map(drop)
+    }
+
+    async fn write_piped_at(&self, offset: u64, data: Piped, fua: bool, generation: u64) -> Result<()> {
+        let flags = if fua { wire::FLAG_FUA } else { 0 };
+        let length = data.len() as u64;
+        let req = Request { flags, generation, ..Request::simple(Opcode::Write, 0, offset, length) };
+        self.exchange_with(req, Some(data), self.opts.request_timeout, None).await.map(drop)
     }
 
     async fn trim_at(&self, offset: u64, len: u64, fua: bool, generation: u64) -> Result<()> {

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use crate::device::{BlockDevice, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::mem::MemDevice;
+use crate::pipe::Piped;
 use crate::wire::{Membership, RebuildMark, ReplicaMeta, SnapshotEntry};
 
 /// A replica as the volume drives it. `generation` on a change is the
@@ -29,6 +30,21 @@ pub trait Replica: BlockDevice {
         generation: u64,
         crc: Option<u32>,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// WRITE of a payload held in a pipe (see [`crate::pipe`]); replicas
+    /// that can send it on without copying do. The default reads it into
+    /// memory for [`Replica::write_at`].
+    fn write_piped_at(
+        &self,
+        offset: u64,
+        data: Piped,
+        fua: bool,
+        generation: u64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            let data = data.into_bytes().map_err(|e| Error::from(e).with_op(Op::Write))?;
+            self.write_at(offset, data, fua, generation, None).await
+        }
+    }
     fn trim_at(
         &self,
         offset: u64,

@@ -35,7 +35,7 @@ use tokio::sync::Notify;
 
 use crate::device::{BLOCK_SIZE, BlockDevice, Capabilities, Extent, ExtentState, ZeroFlags, block_span};
 use crate::error::{Error, ErrorKind, Op, Result};
-use crate::pipe::Payload;
+use crate::pipe::{Payload, Piped};
 use crate::range_lock::RangeLock;
 use crate::replica::{Connector, Replica};
 use crate::wire::{Membership, RebuildMark, ReplicaMeta, SnapshotEntry};
@@ -756,7 +756,8 @@ impl<C: Connector> Volume<C> {
     /// `len > 0`, and applies the acknowledgement rule.
     async fn replicate<F, Fut>(&self, op: Op, offset: u64, len: u64, f: F) -> Result<()>
     where
-        F: Fn(Arc<C::Link>, u64) -> Fut,
+        // (link, generation, whether it is the last link this call makes a future for)
+        F: Fn(Arc<C::Link>, u64, bool) -> Fut,
         Fut: Future<Output = Result<()>>,
     {
         self.wait_unpaused().await;
@@ -788,9 +789,9 @@ impl<C: Connector> Volume<C> {
             if !targets.iter().any(|(_, healthy)| *healthy) {
                 return Err(self.unavailable(op));
             }
-            let results = join_all(targets.iter().map(|((m, link), _)| {
+            let results = join_all(targets.iter().enumerate().map(|(i, ((m, link), _))| {
                 let in_flight = InFlight::new(&m.in_flight);
-                let fut = f(link.clone(), io.generation);
+                let fut = f(link.clone(), io.generation, i + 1 == targets.len());
                 async move {
                     let _in_flight = in_flight;
                     fut.await
@@ -1722,6 +1723,44 @@ fn zip_extents(
     out
 }
 
+/// A piped WRITE payload being handed to each replica.
+enum SharedPayload {
+    /// Every replica so far got a duplicate (`tee`: the same pages).
+    Pipe(Piped),
+    /// A duplicate could not be made: the rest get a copy in memory.
+    Bytes(Bytes),
+    /// Neither: the payload is lost to the remaining replicas.
+    Gone,
+}
+
+impl SharedPayload {
+    /// The payload for one more replica; `last` hands over the pipe itself.
+    fn share(&mut self, last: bool) -> Result<Payload> {
+        match std::mem::replace(self, SharedPayload::Gone) {
+            SharedPayload::Pipe(pipe) if last => Ok(Payload::Piped(pipe)),
+            SharedPayload::Pipe(pipe) => match pipe.try_clone() {
+                Ok(dup) => {
+                    *self = SharedPayload::Pipe(pipe);
+                    Ok(Payload::Piped(dup))
+                }
+                Err(e) => {
+                    tracing::debug!("duplicating a piped write failed, copying it: {e}");
+                    let data = pipe.into_bytes().map_err(|e| Error::from(e).with_op(Op::Write))?;
+                    *self = SharedPayload::Bytes(data.clone());
+                    Ok(Payload::Bytes(data))
+                }
+            },
+            SharedPayload::Bytes(data) => {
+                *self = SharedPayload::Bytes(data.clone());
+                Ok(Payload::Bytes(data))
+            }
+            SharedPayload::Gone => {
+                Err(Error::new(ErrorKind::Io, "a piped write payload could not be read").with_op(Op::Write))
+            }
+        }
+    }
+}
+
 impl<C: Connector> BlockDevice for Volume<C> {
     fn size(&self) -> u64 {
         self.size
@@ -1743,24 +1782,47 @@ impl<C: Connector> BlockDevice for Volume<C> {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let len = data.len() as u64;
-        self.replicate(Op::Write, offset, len, |r, g| {
+        self.replicate(Op::Write, offset, len, |r, g, _| {
             let data = data.clone();
             async move { r.write_at(offset, data, fua, g, None).await }
         })
         .await
     }
 
+    fn takes_piped_writes(&self) -> bool {
+        true
+    }
+
+    async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<()> {
+        let pipe = match data {
+            Payload::Bytes(data) => return self.write(offset, data, fua).await,
+            Payload::Piped(pipe) => pipe,
+        };
+        let len = pipe.len() as u64;
+        let shared = Mutex::new(SharedPayload::Pipe(pipe));
+        self.replicate(Op::Write, offset, len, |r, g, last| {
+            let payload = shared.lock().unwrap_or_else(PoisonError::into_inner).share(last);
+            async move {
+                match payload? {
+                    Payload::Piped(p) => r.write_piped_at(offset, p, fua, g).await,
+                    Payload::Bytes(b) => r.write_at(offset, b, fua, g, None).await,
+                }
+            }
+        })
+        .await
+    }
+
     async fn flush(&self) -> Result<()> {
-        self.replicate(Op::Flush, 0, 0, |r, _| async move { r.flush().await }).await
+        self.replicate(Op::Flush, 0, 0, |r, _, _| async move { r.flush().await }).await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.replicate(Op::Trim, offset, len, |r, g| async move { r.trim_at(offset, len, fua, g).await })
+        self.replicate(Op::Trim, offset, len, |r, g, _| async move { r.trim_at(offset, len, fua, g).await })
             .await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.replicate(Op::WriteZeroes, offset, len, |r, g| async move {
+        self.replicate(Op::WriteZeroes, offset, len, |r, g, _| async move {
             r.zeroes_at(offset, len, flags, g).await
         })
         .await

@@ -478,6 +478,12 @@ pub fn encode_request_header(r: &Request, out: &mut BytesMut) {
 /// The header of `r`, as [`encode_request_header`] writes it.
 pub fn request_header(r: &Request) -> [u8; REQUEST_LEN] {
     let length = if has_payload(r.opcode) { r.data.len() as u64 } else { r.length };
+    request_header_sized(r, length)
+}
+
+/// The header of `r` saying `length`, for a request whose payload is sent
+/// from elsewhere (a pipe) rather than from `r.data`.
+pub fn request_header_sized(r: &Request, length: u64) -> [u8; REQUEST_LEN] {
     let hdr = RequestHeader {
         magic: REQUEST_MAGIC.into(),
         opcode: r.opcode as u8,

@@ -273,3 +273,55 @@ fn extents_zip() {
         ]
     );
 }
+
+fn piped(data: &[u8]) -> Payload {
+    let mut pipe = Piped::with_capacity(data.len()).unwrap();
+    assert_eq!(pipe.push_bytes(data).unwrap(), crate::pipe::Filled::Done);
+    Payload::Piped(pipe)
+}
+
+#[tokio::test]
+async fn piped_writes_reach_every_replica_whole() {
+    let (c, addrs) = connector(3);
+    let v = open(&c, &addrs, 1, opts()).await.unwrap();
+    assert!(v.takes_piped_writes());
+    // Each replica gets its own duplicate of the pipe (the last one the
+    // pipe itself); concurrent piped writes do not mix.
+    let writes =
+        [(0u64, data(1 << 20, 1)), (2 << 20, data(512 << 10, 2)), ((3 << 20) + 512, data(600 << 10, 3))];
+    let done = join_all(writes.iter().map(|(at, d)| v.write_payload(*at, piped(d), false))).await;
+    assert!(done.iter().all(Result::is_ok), "{done:?}");
+    for a in &addrs {
+        let got = contents(&c, a).await;
+        for (at, d) in &writes {
+            assert!(got[*at as usize..*at as usize + d.len()] == d[..], "replica {a} at {at}");
+        }
+    }
+    assert_eq!(states(&v), vec![ReplicaState::Healthy; 3]);
+    // With one replica down, the others still get whole payloads.
+    c.get("r2").kill();
+    v.write_payload(5 << 20, piped(&data(1 << 20, 4)), true).await.unwrap();
+    for a in ["r0", "r1"] {
+        assert_eq!(c.get(a).device().read(5 << 20, 1 << 20).await.unwrap(), data(1 << 20, 4));
+    }
+}
+
+#[test]
+fn a_shared_payload_falls_back_to_memory_and_hands_over_the_pipe_last() {
+    let d = data(64 << 10, 5);
+    let mut shared = SharedPayload::Pipe(match piped(&d) {
+        Payload::Piped(p) => p,
+        Payload::Bytes(_) => unreachable!(),
+    });
+    let first = shared.share(false).unwrap();
+    let last = shared.share(true).unwrap();
+    assert!(matches!(first, Payload::Piped(_)) && matches!(last, Payload::Piped(_)));
+    assert_eq!(first.into_bytes().unwrap(), d);
+    assert_eq!(last.into_bytes().unwrap(), d);
+    // After the pipe is handed over nothing is left to share.
+    assert!(shared.share(false).is_err());
+    // A copy in memory is shared as such.
+    let mut copy = SharedPayload::Bytes(d.clone());
+    assert_eq!(copy.share(false).unwrap().into_bytes().unwrap(), d);
+    assert_eq!(copy.share(true).unwrap().into_bytes().unwrap(), d);
+}

@@ -44,7 +44,7 @@ use jiva_core::{
 };
 use std::os::fd::{AsFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
@@ -289,8 +289,9 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
             async move {
                 debug!("connection accepted");
                 // Large READ replies are spliced into the socket from a
-                // pipe (see jiva_core::pipe) through this descriptor.
-                let splice = splice_fd(&socket);
+                // pipe, and large WRITE payloads out of it into one (see
+                // jiva_core::pipe), through these descriptors.
+                let splice = splice_fds(&socket);
                 match server.run_session(socket, shutdown, splice).await {
                     Ok(()) => debug!("session closed"),
                     Err(e) => info!(error = %e, "session ended"),
@@ -314,7 +315,7 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
         self: Arc<Self>,
         stream: S,
         mut shutdown: Shutdown,
-        splice: Option<SpliceFd>,
+        splice: Option<SpliceFds>,
     ) -> Result<(), SessionError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -581,12 +582,12 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
 
     async fn transmission<R, W, T>(
         &self,
-        mut rd: R,
+        mut rd: BufReader<R>,
         wr: W,
         negotiated: Negotiated,
         mut shutdown: Shutdown,
         device: Arc<T>,
-        splice: Option<SpliceFd>,
+        splice: Option<SpliceFds>,
     ) -> Result<(), SessionError>
     where
         R: AsyncRead + Unpin + Send,
@@ -602,7 +603,11 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
         );
         let conn = Arc::new(Conn { device, neg: negotiated, pipes: splice.is_some() });
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut writer = tokio::spawn(write_replies(wr, rx, splice));
+        let (splice_out, splice_in) = match splice {
+            Some(SpliceFds { out, inp }) => (Some(out), Some(inp)),
+            None => (None, None),
+        };
+        let mut writer = tokio::spawn(write_replies(wr, rx, splice_out));
         let limits = Limits {
             slots: Arc::new(Semaphore::new(self.max_in_flight)),
             buffers: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES as usize)),
@@ -624,7 +629,7 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
                     () = &mut stop => break Ok(()),
                     // The writer ended (the client stopped reading or went away).
                     () = &mut writer_gone => break Ok(()),
-                    step = next_request(&mut rd, &conn, &tx, &limits, &mut tasks) => step,
+                    step = next_request(&mut rd, splice_in.as_ref(), &conn, &tx, &limits, &mut tasks) => step,
                 };
                 match step {
                     Ok(Step::Continue) => {}
@@ -769,14 +774,23 @@ struct Conn<D> {
     pipes: bool,
 }
 
-/// A duplicate of a session socket's descriptor, registered for
-/// writability, for splicing piped payloads into it.
+/// A duplicate of a session socket's descriptor, registered on its own,
+/// for splicing piped payloads into or out of it.
 type SpliceFd = AsyncFd<OwnedFd>;
 
-fn splice_fd(socket: &TcpStream) -> Option<SpliceFd> {
-    pipe::register_duplicate(socket.as_fd(), tokio::io::Interest::WRITABLE)
-        .map_err(|e| debug!(error = %e, "no splice descriptor"))
-        .ok()
+/// A session socket's splice descriptors: one for replies, one for requests.
+struct SpliceFds {
+    out: SpliceFd,
+    inp: SpliceFd,
+}
+
+fn splice_fds(socket: &TcpStream) -> Option<SpliceFds> {
+    let dup = |interest| {
+        pipe::register_duplicate(socket.as_fd(), interest)
+            .map_err(|e| debug!(error = %e, "no splice descriptor"))
+            .ok()
+    };
+    Some(SpliceFds { out: dup(tokio::io::Interest::WRITABLE)?, inp: dup(tokio::io::Interest::READABLE)? })
 }
 
 struct Limits {
@@ -855,7 +869,8 @@ async fn read_request_header<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<Opt
 /// hands it to a task. Cancelling this future loses at most the request
 /// being read, which only happens when the session is ending anyway.
 async fn next_request<R, D>(
-    rd: &mut R,
+    rd: &mut BufReader<R>,
+    splice_in: Option<&SpliceFd>,
     conn: &Arc<Conn<D>>,
     tx: &mpsc::UnboundedSender<Outgoing>,
     limits: &Limits,
@@ -878,17 +893,16 @@ where
     if req.command == CMD_WRITE {
         if req.length <= MAX_IO_BYTES {
             buffer = acquire_bytes(&limits.buffers, req.length).await;
-            // Received into uninitialised capacity: no zeroing of a buffer
-            // about to be overwritten.
             let len = req.length as usize;
-            let mut data = BytesMut::with_capacity(len);
-            while data.len() < len {
-                let rest = len - data.len();
-                if rd.read_buf(&mut bytes::BufMut::limit(&mut data, rest)).await? == 0 {
-                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            payload = Some(match splice_in {
+                Some(fd)
+                    if conn.device.takes_piped_writes()
+                        && (pipe::MIN_PIPED_WRITE_BYTES..=pipe::MAX_PIPED_BYTES).contains(&len) =>
+                {
+                    receive_piped(rd, fd, len).await?
                 }
-            }
-            payload = Some(data.freeze());
+                _ => Payload::Bytes(receive_bytes(rd, BytesMut::with_capacity(len), len).await?),
+            });
         } else if req.length <= MAX_SKIPPED_WRITE {
             skip(rd, u64::from(req.length)).await?;
         } else {
@@ -925,6 +939,57 @@ where
     Ok(Step::Continue)
 }
 
+/// Reads `data` up to `len` bytes from `rd`. Received into uninitialised
+/// capacity: no zeroing of a buffer about to be overwritten.
+async fn receive_bytes<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    mut data: BytesMut,
+    len: usize,
+) -> io::Result<Bytes> {
+    data.reserve(len.saturating_sub(data.len()));
+    while data.len() < len {
+        let rest = len - data.len();
+        if rd.read_buf(&mut bytes::BufMut::limit(&mut data, rest)).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(data.freeze())
+}
+
+/// Receives a `len`-byte WRITE payload into a pipe: what the reader holds
+/// already is copied in, the rest spliced from the socket (its pages are
+/// socket buffers, which may leave the process; see [`jiva_core::pipe`]).
+/// Where the pipe cannot take it all, the payload is read into memory.
+async fn receive_piped<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    fd: &SpliceFd,
+    len: usize,
+) -> io::Result<Payload> {
+    let mut pipe = match pipe::Piped::with_capacity(len) {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            debug!(error = %e, "no pipe for a write payload; reading it into memory");
+            return Ok(Payload::Bytes(receive_bytes(rd, BytesMut::with_capacity(len), len).await?));
+        }
+    };
+    let held = rd.buffer().len().min(len);
+    let mut filled = pipe.push_bytes(&rd.buffer()[..held])?;
+    rd.consume(match filled {
+        pipe::Filled::Done => held,
+        pipe::Filled::Full(n) => n,
+    });
+    if filled == pipe::Filled::Done && held < len {
+        filled = pipe::fill_from_socket(&mut pipe, pipe::Socket::Fd(fd), len - held).await?;
+    }
+    if filled == pipe::Filled::Done {
+        return Ok(Payload::Piped(pipe));
+    }
+    // Out of pipe slots (many small socket buffers): the rest in memory.
+    let mut data = BytesMut::with_capacity(len);
+    data.extend_from_slice(&pipe.into_bytes()?);
+    Ok(Payload::Bytes(receive_bytes(rd, data, len).await?))
+}
+
 async fn acquire_bytes(buffers: &Arc<Semaphore>, len: u32) -> Option<OwnedSemaphorePermit> {
     // Never fails: the semaphore is never closed and len <= its capacity.
     Arc::clone(buffers).acquire_many_owned(len).await.ok()
@@ -941,7 +1006,7 @@ enum Action {
 /// A validated device operation.
 enum IoOp {
     Read { offset: u64, len: usize },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Write { offset: u64, data: Payload, fua: bool },
     Flush,
     Trim { offset: u64, len: u64, fua: bool },
     WriteZeroes { offset: u64, len: u64, flags: ZeroFlags },
@@ -959,7 +1024,7 @@ fn reject(errno: u32, message: impl Into<String>) -> Rejection {
 
 /// The one validation of a request: command, flags, permissions, length
 /// and range (with [`check_range`] against the negotiated size).
-fn validate(req: &Request, payload: Option<Bytes>, neg: &Negotiated) -> Result<Action, Rejection> {
+fn validate(req: &Request, payload: Option<Payload>, neg: &Negotiated) -> Result<Action, Rejection> {
     let caps = &neg.caps;
     // FUA is valid on every command once advertised.
     let fua = if caps.fua { CMD_FLAG_FUA } else { 0 };
@@ -1095,7 +1160,7 @@ impl<D: BlockDevice> Conn<D> {
                     Err(e) => Err(e),
                 }
             }
-            IoOp::Write { offset, data, fua } => dev.write(offset, data, fua).await,
+            IoOp::Write { offset, data, fua } => dev.write_payload(offset, data, fua).await,
             IoOp::Flush => dev.flush().await,
             IoOp::Trim { offset, len, fua } => dev.trim(offset, len, fua).await,
             IoOp::WriteZeroes { offset, len, flags } => dev.write_zeroes(offset, len, flags).await,

@@ -1026,9 +1026,9 @@ async fn further_exports_are_listed_and_read_only() {
     assert_eq!(server.clients(), 0);
 }
 
-/// A device that hands large reads over in pipes, as a volume with a local
-/// replica does.
-struct PipedDevice(MemDevice);
+/// A device that hands large reads over in pipes and takes large writes
+/// in them, as a volume with a local replica does; counts piped writes.
+struct PipedDevice(MemDevice, AtomicUsize);
 
 impl BlockDevice for PipedDevice {
     fn size(&self) -> u64 {
@@ -1049,14 +1049,27 @@ impl BlockDevice for PipedDevice {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         self.0.write(offset, data, fua).await
     }
+    fn takes_piped_writes(&self) -> bool {
+        true
+    }
+    async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<()> {
+        if let Payload::Piped(_) = data {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+        let data = match data {
+            Payload::Bytes(b) => b,
+            Payload::Piped(p) => p.into_bytes()?,
+        };
+        self.0.write(offset, data, fua).await
+    }
     async fn flush(&self) -> Result<()> {
         self.0.flush().await
     }
 }
 
-#[tokio::test]
-async fn piped_read_replies_are_spliced_in_order_with_the_others() {
-    let dev = Arc::new(PipedDevice(MemDevice::new(8 << 20)));
+/// A served [`PipedDevice`] of 8 MiB and a client socket past the handshake.
+async fn piped_session() -> (Arc<NbdServer<PipedDevice>>, Arc<PipedDevice>, tokio::net::TcpStream) {
+    let dev = Arc::new(PipedDevice(MemDevice::new(8 << 20), AtomicUsize::new(0)));
     let server = Arc::new(NbdServer::new(Arc::clone(&dev), NAME));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1068,6 +1081,76 @@ async fn piped_read_replies_are_spliced_in_order_with_the_others() {
     sock.write_all(&NbdOption::ExportName(NAME.into()).encode()).await.unwrap();
     let mut info = [0u8; ExportNameReply::LEN];
     tokio::io::AsyncReadExt::read_exact(&mut sock, &mut info).await.unwrap();
+    (server, dev, sock)
+}
+
+#[tokio::test]
+async fn large_write_payloads_arrive_through_pipes_in_order_with_the_others() {
+    let (_server, dev, mut sock) = piped_session().await;
+    // Pipelined without waiting: large (piped) and small (copied) writes,
+    // one at an unaligned offset, one just below the piped size; each
+    // header sits right behind the previous payload, so the server's read
+    // buffer holds parts of payloads and the next headers.
+    let writes: [(u64, u64, usize); 6] = [
+        (1, 0, 1 << 20),
+        (2, (1 << 20) + 512, 4096),
+        (3, 2 << 20, 512 << 10),
+        (4, (3 << 20) + 100, (768 << 10) + 3),
+        (5, 5 << 20, pipe::MIN_PIPED_WRITE_BYTES - 4096),
+        (6, 6 << 20, 1 << 20),
+    ];
+    let mut expect = vec![0u8; 8 << 20];
+    let mut stream = Vec::new();
+    for &(cookie, offset, len) in &writes {
+        let data = pattern(cookie as u8, len);
+        expect[offset as usize..offset as usize + len].copy_from_slice(&data);
+        stream.extend_from_slice(&req(CMD_WRITE, cookie, offset, len as u32).encode());
+        stream.extend_from_slice(&data);
+    }
+    // In uneven pieces, so payloads arrive split across socket reads.
+    for piece in stream.chunks(100_003) {
+        sock.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut reply = [0u8; SimpleReply::LEN];
+    let mut cookies = Vec::new();
+    for _ in 0..writes.len() {
+        tokio::io::AsyncReadExt::read_exact(&mut sock, &mut reply).await.unwrap();
+        let r = SimpleReply::parse(&reply).unwrap();
+        assert_eq!(r.error, 0, "cookie {}", r.cookie);
+        cookies.push(r.cookie);
+    }
+    cookies.sort_unstable();
+    assert_eq!(cookies, [1, 2, 3, 4, 5, 6]);
+    let got = dev.0.read(0, 8 << 20).await.unwrap();
+    assert!(got[..] == expect[..], "device contents differ from what was written");
+    // The four payloads of at least MIN_PIPED_WRITE_BYTES came in pipes.
+    assert_eq!(dev.1.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_client_gone_mid_way_through_a_piped_payload_ends_the_session() {
+    let (server, dev, mut sock) = piped_session().await;
+    assert_eq!(server.clients(), 1);
+    let mut w = req(CMD_WRITE, 1, 0, 1 << 20).encode().to_vec();
+    w.extend_from_slice(&pattern(3, 600 << 10));
+    sock.write_all(&w).await.unwrap();
+    drop(sock);
+    // The session ends without writing anything (and without hanging).
+    for _ in 0..200 {
+        if server.clients() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.clients(), 0, "the session did not end");
+    assert_eq!(dev.1.load(Ordering::SeqCst), 0);
+    assert!(dev.0.read(0, 1 << 20).await.unwrap().iter().all(|&b| b == 0));
+}
+
+#[tokio::test]
+async fn piped_read_replies_are_spliced_in_order_with_the_others() {
+    let (_server, _dev, mut sock) = piped_session().await;
 
     let data = pattern(9, 2 << 20);
     let mut w = req(CMD_WRITE, 1, 0, 2 << 20).encode().to_vec();
