@@ -7,7 +7,10 @@
 //! to the pages instead: the replica splices page-cache pages into it and
 //! on into its socket, the controller splices them from that socket into a
 //! pipe and on into the client's socket; nobody copies until the client
-//! reads.
+//! reads. Large WRITE payloads take the same road the other way: spliced
+//! from the client's socket into a pipe, duplicated (`tee`) per replica and
+//! spliced into each replica's socket; the replica's receive is the first
+//! copy.
 //!
 //! What may go into a pipe that leaves the process: pages nobody will
 //! change in place while they are referenced — page-cache pages (a later
