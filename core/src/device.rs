@@ -128,10 +128,7 @@ pub trait BlockDevice: Send + Sync + 'static {
         fua: bool,
     ) -> impl Future<Output = Result<()>> + Send {
         async move {
-            let data = match data {
-                Payload::Bytes(b) => b,
-                Payload::Piped(p) => p.into_bytes().map_err(|e| Error::from(e).with_op(Op::Write))?,
-            };
+            let data = data.into_bytes().map_err(|e| Error::from(e).with_op(Op::Write))?;
             self.write(offset, data, fua).await
         }
     }

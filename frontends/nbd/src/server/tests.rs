@@ -1056,11 +1056,7 @@ impl BlockDevice for PipedDevice {
         if let Payload::Piped(_) = data {
             self.1.fetch_add(1, Ordering::SeqCst);
         }
-        let data = match data {
-            Payload::Bytes(b) => b,
-            Payload::Piped(p) => p.into_bytes()?,
-        };
-        self.0.write(offset, data, fua).await
+        self.0.write(offset, data.into_bytes()?, fua).await
     }
     async fn flush(&self) -> Result<()> {
         self.0.flush().await
