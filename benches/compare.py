@@ -305,13 +305,48 @@ def summarize(runs):
 
 def ratio_cell(a_runs, b_runs):
     """Median of the per-round IOPS ratios, with their range over several rounds."""
-    rs = [a["iops"] / b["iops"] for a, b in zip(a_runs, b_runs) if b["iops"]]
+    rs = ratios(a_runs, b_runs)
     if not rs:
         return "-"
     cell = f"{median(rs):.2f}"
     if len(rs) > 1:
         cell += f" ({min(rs):.2f}–{max(rs):.2f})"
     return cell
+
+
+def ratios(a_runs, b_runs, key="iops"):
+    """Per-round ratios a/b of one figure."""
+    return [a[key] / b[key] for a, b in zip(a_runs, b_runs) if b[key]]
+
+
+# The targets of the performance issue: (what, ours, theirs, workload, figure, bound).
+# A throughput target is met when our figure is at least `bound` times
+# theirs; a latency target when it is at most `bound` times theirs.
+TARGETS = (
+    [("1 replica vs nbdkit file, " + wl, "jiva 1r", "nbdkit file", wl, "iops", 1.0)
+     for wl in ("4k randread qd32", "4k randwrite qd32", "1M seqread qd8", "1M seqwrite qd8")]
+    + [("1 replica vs nbdkit file, latency " + wl, "jiva 1r", "nbdkit file", wl, "lat_us", 1.5)
+       for wl in ("4k randread qd1", "4k randwrite qd1")]
+    + [("3 replicas vs 1 replica, " + wl, "jiva 3r", "jiva 1r", wl, "iops", 0.5)
+       for wl, *_ in WORKLOADS]
+)
+
+
+def target_rows(runs):
+    """(target, measured ratio cell, met) for every target both sides ran;
+    met means the median of the per-round ratios meets the bound."""
+    rows = []
+    for what, ours, theirs, wl, key, bound in TARGETS:
+        a, b = runs.get(ours, {}).get(wl), runs.get(theirs, {}).get(wl)
+        rs = ratios(a, b, key) if a and b else []
+        if not rs:
+            continue
+        m = median(rs)
+        met = m <= bound if key == "lat_us" else m >= bound
+        cell = f"{m:.2f}" + (f" ({min(rs):.2f}–{max(rs):.2f})" if len(rs) > 1 else "")
+        sense = "at most" if key == "lat_us" else "at least"
+        rows.append((what, f"{sense} {bound:g}×", cell, met))
+    return rows
 
 
 def run_extras(args):
@@ -398,6 +433,18 @@ def write_report(args, runs, extras=()):
             lines += ["", "3 replicas / 1 replica: " + ", ".join(
                 f"{wl} {ratio_cell(runs['jiva 3r'][wl], runs['jiva 1r'][wl])}"
                 for wl, *_ in WORKLOADS if wl in runs["jiva 3r"] and wl in runs["jiva 1r"]) + "."]
+    rows = target_rows(runs)
+    if rows:
+        lines += ["", "## Targets", "",
+                  "Measured: ours / theirs, IOPS (or mean latency: lower is better), the median over "
+                  "rounds with the range in brackets. Where the remaining gaps come from: "
+                  "[performance.md](performance.md).", "",
+                  "| target | goal | measured | met |", "|---|---|---|---|"]
+        lines += [f"| {what} | {goal} | {cell} | {'yes' if met else '**no**'} |"
+                  for what, goal, cell, met in rows]
+        print("\ntargets:")
+        for what, goal, cell, met in rows:
+            print(f"  {'met   ' if met else 'MISSED'} {what}: {cell} (goal {goal})")
     for title, text in extras:
         lines += ["", f"## {title}", "", "```", text, "```"]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
