@@ -16,7 +16,10 @@
 //! Fencing: the server remembers the newest epoch that attached. A
 //! connection attached with an older epoch gets `Fenced` for every request
 //! and is closed, so a stale controller can never write after a newer one
-//! has taken over.
+//! has taken over. A takeover also waits for the requests already running
+//! (accepted before the fence rose) to finish before it answers, so the
+//! new controller's view of the replica (record, region stamps, data)
+//! includes every change an older controller got in.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,7 +39,7 @@ use jiva_core::wire::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{RwLock, Semaphore, mpsc};
 
 /// Requests executed concurrently per connection.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -140,6 +143,9 @@ pub trait Backend: BlockDevice {
 pub struct Faults {
     /// Half-open block ranges.
     pub eio_read_blocks: Vec<(u64, u64)>,
+    /// WRITEs wait for a permit of this semaphore before they run (and
+    /// give it back after): a stand-in for a disk that stalls.
+    pub write_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Faults {
@@ -155,7 +161,7 @@ impl Faults {
             }
             eio_read_blocks.push((a, b + 1));
         }
-        Ok(Faults { eio_read_blocks })
+        Ok(Faults { eio_read_blocks, write_gate: None })
     }
 
     fn read_fails(&self, offset: u64, len: u64) -> bool {
@@ -170,6 +176,9 @@ pub struct ReplicaServer<B: Backend> {
     faults: Faults,
     /// Newest epoch attached since start; connections below it are fenced.
     current_epoch: AtomicU64,
+    /// Held shared by every running request, taken exclusively by a
+    /// takeover to wait for the requests accepted before its fence.
+    running: Arc<RwLock<()>>,
 }
 
 impl<B: Backend> std::fmt::Debug for ReplicaServer<B> {
@@ -181,7 +190,12 @@ impl<B: Backend> std::fmt::Debug for ReplicaServer<B> {
 impl<B: Backend> ReplicaServer<B> {
     pub fn new(backend: Arc<B>) -> ReplicaServer<B> {
         let epoch = backend.info().epoch;
-        ReplicaServer { backend, faults: Faults::default(), current_epoch: AtomicU64::new(epoch) }
+        ReplicaServer {
+            backend,
+            faults: Faults::default(),
+            current_epoch: AtomicU64::new(epoch),
+            running: Arc::new(RwLock::new(())),
+        }
     }
 
     /// Injects faults (tests only).
@@ -351,6 +365,12 @@ impl<B: Backend> ReplicaServer<B> {
             refuse(&mut reply, e);
             return (reply, false);
         }
+        // Requests accepted before the fence may still be running (a write
+        // from the controller this one replaces, say, waiting for the
+        // disk). Let them finish first: the record and stamps this attach
+        // hands out must include whatever they change. Requests that start
+        // from now on see the new fence.
+        drop(self.running.write().await);
         match self.backend.attach(&hello.volume, hello.epoch).await {
             Ok(()) => {
                 reply.epoch = hello.epoch;
@@ -399,7 +419,16 @@ impl<B: Backend> ReplicaServer<B> {
                 },
                 Err(e) => break Err(e.into()),
             };
-            if self.current_epoch.load(Ordering::SeqCst) > epoch {
+            // Running from here on, so a takeover waits for this request;
+            // the fence is checked (again) after, so none slips in behind
+            // it. (A takeover that is waiting holds new requests back.)
+            let fenced = || self.current_epoch.load(Ordering::SeqCst) > epoch;
+            let running = match self.running.clone().try_read_owned() {
+                Ok(guard) => Some(guard),
+                Err(_) if fenced() => None,
+                Err(_) => Some(self.running.clone().read_owned().await),
+            };
+            if fenced() {
                 let e = Error::new(ErrorKind::Fenced, "a controller with a newer epoch has attached");
                 let _ = tx.send(Answer::plain(Response::error(req.tag, &e)));
                 break Err(e);
@@ -432,6 +461,7 @@ impl<B: Backend> ReplicaServer<B> {
                 };
                 let _ = tx.send(answer);
                 drop(permit);
+                drop(running);
             });
             // A request that can finish at once (a read the page cache
             // holds, a small buffered write) is answered from here, without
@@ -477,6 +507,9 @@ impl<B: Backend> ReplicaServer<B> {
             }
             Opcode::Write => {
                 check_range(size, req.offset, req.data.len() as u64)?;
+                if let Some(gate) = &self.faults.write_gate {
+                    let _permit = gate.acquire().await;
+                }
                 let done = if req.flags & wire::FLAG_CRC != 0 {
                     if fua {
                         // Copies are made durable by the flush that ends a rebuild step.

@@ -10,7 +10,7 @@ use jiva_core::replica::Replica;
 use jiva_core::wire::{self, Opcode, Request};
 use jiva_core::wire::{Membership, RebuildMark};
 use jiva_core::{BlockDevice, ErrorKind, ExtentState, ZeroFlags};
-use jiva_replica::server::ReplicaServer;
+use jiva_replica::server::{Faults, ReplicaServer};
 use jiva_replica::{Store, StoreOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,9 +32,13 @@ impl Drop for Running {
 }
 
 async fn start() -> Running {
+    start_with(Faults::default()).await
+}
+
+async fn start_with(faults: Faults) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), SIZE, StoreOptions::default()).await.unwrap();
-    let server = Arc::new(ReplicaServer::new(Arc::new(store)));
+    let server = Arc::new(ReplicaServer::new(Arc::new(store)).with_faults(faults));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -120,6 +124,38 @@ async fn refusals_name_size_and_stale_epoch() {
     assert!(second.read(0, 4096).await.unwrap().iter().all(|&b| b == 1), "fenced write landed");
     let e = RemoteReplica::connect(&r.addr, "vol", SIZE, 5, opts()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Fenced);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_waits_for_the_old_controllers_running_writes() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let r = start_with(Faults { write_gate: Some(gate.clone()), ..Faults::default() }).await;
+    let old = Arc::new(RemoteReplica::connect(&r.addr, "vol", SIZE, 1, opts()).await.unwrap());
+    // A write of generation 7 into region 2, accepted and then stuck at the disk.
+    let write = tokio::spawn({
+        let old = old.clone();
+        async move { old.write_at(2 << 20, Bytes::from(vec![9u8; 4096]), false, 7, None).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!write.is_finished());
+
+    // The new controller's attach raises the fence but is not answered
+    // while the old write runs: the stamps and data it would read next
+    // could miss it.
+    let addr = r.addr.clone();
+    let takeover = tokio::spawn(async move { RemoteReplica::connect(&addr, "vol", SIZE, 2, opts()).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!takeover.is_finished(), "attach answered while a write accepted before it was still running");
+    // The fence is up already: the old controller's next request is refused.
+    let e = old.write_at(0, Bytes::from(vec![1u8; 4096]), false, 7, None).await.unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::Fenced | ErrorKind::Disconnected), "{e}");
+
+    gate.add_permits(1);
+    write.await.unwrap().unwrap();
+    let new = takeover.await.unwrap().unwrap();
+    assert_eq!(new.stamps(0, 3).await.unwrap()[2], 7, "the takeover sees the old write's stamp");
+    assert!(new.read(2 << 20, 4096).await.unwrap().iter().all(|&b| b == 9));
+    assert!(new.read(0, 4096).await.unwrap().iter().all(|&b| b == 0), "fenced write landed");
 }
 
 /// Opens a raw attached connection and returns the stream after the hello.
