@@ -6,6 +6,7 @@
 //! [`volume::Volume`] implements it on top of replicas that implement it too
 //! (a [`remote::RemoteReplica`] over TCP, or [`mem::MemDevice`] in tests).
 
+pub mod checksum;
 pub mod device;
 pub mod error;
 pub mod mem;
@@ -20,6 +21,7 @@ pub mod view;
 pub mod volume;
 pub mod wire;
 
+pub use checksum::crc32c;
 pub use device::{
     BLOCK_SIZE, BlockDevice, Capabilities, Extent, ExtentState, MAX_IO_BYTES, ZeroFlags, block_span,
     check_range,

@@ -290,7 +290,7 @@ impl Replica for MemLink {
         crc: Option<u32>,
     ) -> Result<()> {
         self.check(Op::Write)?;
-        if crc.is_some_and(|c| c != crc32c::crc32c(&data)) {
+        if crc.is_some_and(|c| c != crate::crc32c(&data)) {
             return Err(Error::new(ErrorKind::Corrupt, "payload crc mismatch").with_op(Op::Write));
         }
         self.rep.stamp(offset, data.len() as u64, generation);

@@ -1201,7 +1201,7 @@ impl<C: Connector> Volume<C> {
                         while o < end {
                             let len = piece.min(end - o);
                             let data = src.read_snapshot(name, o, len as usize).await?;
-                            let crc = crc32c::crc32c(&data);
+                            let crc = crate::crc32c(&data);
                             dst.write_at(o, data, false, 0, Some(crc)).await?;
                             copied += len;
                             o += len;
@@ -1376,7 +1376,7 @@ impl<C: Connector> Volume<C> {
             match s_state {
                 ExtentState::Data => {
                     let data = src.read(off, n as usize).await.map_err(CopyError::Source)?;
-                    let crc = crc32c::crc32c(&data);
+                    let crc = crate::crc32c(&data);
                     dst.write_at(off, data, false, stamp, Some(crc)).await.map_err(CopyError::Target)?;
                     copied += n;
                 }

@@ -312,7 +312,7 @@ pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
         out.push(name.len() as u8);
         out.extend_from_slice(name);
     }
-    let crc = crc32c::crc32c(&out);
+    let crc = jiva_core::crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     debug_assert_eq!(out.len(), total);
     out
@@ -336,7 +336,7 @@ pub fn decode_manifest(buf: &[u8]) -> Result<Manifest, FormatError> {
         return Err(FormatError::Malformed("manifest length field does not match"));
     }
     let (body, crc) = buf.split_at(buf.len() - CRC_LEN);
-    if crc32c::crc32c(body) != u32_at(crc, 0) {
+    if jiva_core::crc32c(body) != u32_at(crc, 0) {
         return Err(FormatError::BadChecksum);
     }
     let name_len = usize::from(u16_at(buf, 56));
@@ -544,7 +544,7 @@ pub fn decode_record(buf: &[u8]) -> Result<BlockRecord, FormatError> {
 /// crc32c of a block of zeros.
 pub fn zero_block_crc() -> u32 {
     static CRC: OnceLock<u32> = OnceLock::new();
-    *CRC.get_or_init(|| crc32c::crc32c(&[0u8; jiva_core::BLOCK_SIZE as usize]))
+    *CRC.get_or_init(|| jiva_core::crc32c(&[0u8; jiva_core::BLOCK_SIZE as usize]))
 }
 
 fn u16_at(buf: &[u8], at: usize) -> u16 {
@@ -706,7 +706,7 @@ mod tests {
         v1[8..12].copy_from_slice(&FORMAT_VERSION_1.to_le_bytes());
         let total = (v1.len() + CRC_LEN) as u32;
         v1[12..16].copy_from_slice(&total.to_le_bytes());
-        let crc = crc32c::crc32c(&v1);
+        let crc = jiva_core::crc32c(&v1);
         v1.extend_from_slice(&crc.to_le_bytes());
         let got = decode_manifest(&v1).unwrap();
         assert_eq!(got, Manifest { volume: Some("vol".into()), ..m });
@@ -734,7 +734,7 @@ mod tests {
 
     #[test]
     fn zero_record_carries_zero_crc() {
-        assert_eq!(BlockRecord::zero().crc, crc32c::crc32c(&[0u8; 4096]));
+        assert_eq!(BlockRecord::zero().crc, jiva_core::crc32c(&[0u8; 4096]));
         assert!(BlockRecord::zero().is_zero());
     }
 }

@@ -84,7 +84,7 @@ pub trait Backend: BlockDevice {
         crc: u32,
     ) -> impl Future<Output = Result<()>> + Send {
         async move {
-            if crc32c::crc32c(&data) != crc {
+            if jiva_core::crc32c(&data) != crc {
                 return Err(Error::new(ErrorKind::Corrupt, "write payload does not match its crc").at(offset));
             }
             self.write_gen(offset, data, false, generation).await

@@ -924,7 +924,7 @@ impl Inner {
         let aligned = offset.is_multiple_of(BS) && data.len().is_multiple_of(BSZ);
         if let Some(crc) = copy
             && !aligned
-            && crc32c::crc32c(&data) != crc
+            && jiva_core::crc32c(&data) != crc
         {
             return Err(payload_mismatch(offset));
         }
@@ -969,7 +969,7 @@ impl Inner {
         let mut records = vec![0u8; buf.len() / BSZ * RECZ];
         let mut whole: Option<u32> = None;
         for (block, rec) in buf.chunks(BSZ).zip(records.chunks_mut(RECZ)) {
-            let crc = crc32c::crc32c(block);
+            let crc = jiva_core::crc32c(block);
             if kind.copy.is_some() {
                 whole = Some(whole.map_or(crc, |w| crc_then_block(w, crc)));
             }
@@ -1318,7 +1318,7 @@ impl Inner {
                     if !rec.is_allocated() || rec.is_zero() {
                         continue;
                     }
-                    let crc = crc32c::crc32c(&data[blocks(i, 1)]);
+                    let crc = jiva_core::crc32c(&data[blocks(i, 1)]);
                     if crc != rec.crc {
                         let fixed = BlockRecord { crc, flags: rec.flags };
                         format::encode_record(&fixed, &mut records[recs(i, 1)]);
@@ -1732,7 +1732,7 @@ impl Inner {
                     let rec = if block.iter().all(|&x| x == 0) {
                         BlockRecord::zero()
                     } else {
-                        BlockRecord::data(crc32c::crc32c(block))
+                        BlockRecord::data(jiva_core::crc32c(block))
                     };
                     format::encode_record(&rec, &mut records[recs(i, 1)]);
                 }
@@ -1857,7 +1857,7 @@ fn check_block(block: u64, data: &[u8], record: &[u8]) -> Result<Found> {
     if rec.is_zero() {
         return Ok(Found::Zero);
     }
-    let crc = crc32c::crc32c(data);
+    let crc = jiva_core::crc32c(data);
     if crc != rec.crc {
         return Err(Error::new(
             ErrorKind::Corrupt,
@@ -2220,9 +2220,9 @@ mod tests {
             (0..5 * BSZ as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let mut whole = None;
         for block in data.chunks(BSZ) {
-            let c = crc32c::crc32c(block);
+            let c = jiva_core::crc32c(block);
             whole = Some(whole.map_or(c, |w| crc_then_block(w, c)));
         }
-        assert_eq!(whole, Some(crc32c::crc32c(&data)));
+        assert_eq!(whole, Some(jiva_core::crc32c(&data)));
     }
 }
