@@ -145,7 +145,7 @@ pub struct Faults {
     pub eio_read_blocks: Vec<(u64, u64)>,
     /// WRITEs wait for a permit of this semaphore before they run (and
     /// give it back after): a stand-in for a disk that stalls.
-    pub write_gate: Option<Arc<tokio::sync::Semaphore>>,
+    pub write_gate: Option<Arc<Semaphore>>,
 }
 
 impl Faults {
