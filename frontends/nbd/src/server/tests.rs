@@ -1125,6 +1125,52 @@ async fn large_write_payloads_arrive_through_pipes_in_order_with_the_others() {
 }
 
 #[tokio::test]
+async fn payloads_in_memory_arrive_whole_and_in_order_however_the_socket_splits_them() {
+    // A device that takes no pipes: every payload is received into memory,
+    // the large part of each straight from the socket, around the reader's
+    // buffer; small ones (and headers) through it.
+    let dev = Arc::new(MemDevice::new(8 << 20));
+    let server = Arc::new(NbdServer::new(Arc::clone(&dev), NAME));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending::<()>()));
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; ServerGreeting::LEN];
+    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut greeting).await.unwrap();
+    sock.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).await.unwrap();
+    sock.write_all(&NbdOption::ExportName(NAME.into()).encode()).await.unwrap();
+    let mut info = [0u8; ExportNameReply::LEN];
+    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut info).await.unwrap();
+
+    // Sizes around the direct-read threshold and the reader's 64 KiB
+    // buffer, pipelined, each header right behind the previous payload.
+    let sizes = [4096, 16 << 10, (16 << 10) - 1, 65536, 65537, 100_000, 512, 1 << 20, 20_000, 70_000];
+    let mut expect = vec![0u8; 8 << 20];
+    let mut stream = Vec::new();
+    let mut offset = 0usize;
+    for (i, &len) in sizes.iter().enumerate() {
+        let data = pattern(i as u8 + 1, len);
+        expect[offset..offset + len].copy_from_slice(&data);
+        stream.extend_from_slice(&req(CMD_WRITE, i as u64, offset as u64, len as u32).encode());
+        stream.extend_from_slice(&data);
+        offset += len + 777;
+    }
+    for (n, piece) in stream.chunks(12_345).enumerate() {
+        sock.write_all(piece).await.unwrap();
+        if n % 7 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let mut reply = [0u8; SimpleReply::LEN];
+    for _ in 0..sizes.len() {
+        tokio::io::AsyncReadExt::read_exact(&mut sock, &mut reply).await.unwrap();
+        assert_eq!(SimpleReply::parse(&reply).unwrap().error, 0);
+    }
+    let got = dev.read(0, 8 << 20).await.unwrap();
+    assert!(got[..] == expect[..], "device contents differ from what was written");
+}
+
+#[tokio::test]
 async fn a_client_gone_mid_way_through_a_piped_payload_ends_the_session() {
     let (server, dev, mut sock) = piped_session().await;
     assert_eq!(server.clients(), 1);
