@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use jiva_core::remote::{self, RemoteConnector, RemoteOptions};
+use jiva_core::shm::ShmPool;
 use jiva_core::size::ByteSize;
 use jiva_core::view::SnapshotView;
 use jiva_core::volume::{Volume, VolumeOptions};
@@ -53,6 +54,11 @@ pub struct Args {
     /// Rebuild copy rate limit per replica, bytes per second (K/M/G; 0 = unlimited).
     #[arg(long, default_value = "0", value_name = "RATE")]
     rebuild_rate: ByteSize,
+    /// Memory shared with replicas on this machine (`unix:` addresses) for
+    /// large WRITE payloads, which they then store without receiving a
+    /// copy over the socket (K/M/G; 0 = off).
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    payload_memory: ByteSize,
     /// Address of the HTTP/JSON control API (e.g. 127.0.0.1:9500).
     #[arg(long, value_name = "ADDR")]
     api: Option<String>,
@@ -155,7 +161,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         rebuild_rate: args.rebuild_rate.bytes(),
         ..VolumeOptions::default()
     };
-    let connector = RemoteConnector { volume: args.name.clone(), size, opts };
+    let local = args.replicas.iter().any(|a| a.starts_with(remote::UNIX_PREFIX));
+    let shm = match args.payload_memory.bytes() {
+        0 => None,
+        _ if !local => None,
+        n => match ShmPool::new(usize::try_from(n).unwrap_or(usize::MAX)) {
+            Ok(pool) => Some(pool),
+            Err(e) => {
+                tracing::warn!("no shared payload memory ({e}); payloads go over the sockets");
+                None
+            }
+        },
+    };
+    let connector = RemoteConnector { volume: args.name.clone(), size, opts, shm };
     let volume = loop {
         match Volume::open(args.name.clone(), size, epoch, connector.clone(), &args.replicas, vopts.clone())
             .await

@@ -133,6 +133,14 @@ pub trait BlockDevice: Send + Sync + 'static {
         }
     }
 
+    /// Room to receive a `len`-byte WRITE payload into, where the device
+    /// passes payloads in that memory on more cheaply than others (see
+    /// [`crate::shm`]); frozen, it is then given to [`BlockDevice::write`].
+    fn payload_buffer(&self, len: usize) -> Option<crate::shm::ShmBuf> {
+        let _ = len;
+        None
+    }
+
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
 
@@ -179,6 +187,9 @@ impl<D: BlockDevice> BlockDevice for Arc<D> {
     }
     fn takes_piped_writes(&self) -> bool {
         (**self).takes_piped_writes()
+    }
+    fn payload_buffer(&self, len: usize) -> Option<crate::shm::ShmBuf> {
+        (**self).payload_buffer(len)
     }
     fn write_payload(
         &self,

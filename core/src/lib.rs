@@ -9,11 +9,13 @@
 pub mod checksum;
 pub mod device;
 pub mod error;
+pub mod fdpass;
 pub mod mem;
 pub mod pipe;
 pub mod range_lock;
 pub mod remote;
 pub mod replica;
+pub mod shm;
 pub mod size;
 pub mod splice;
 pub mod vectored;

@@ -8,6 +8,7 @@
 //! later request fails with [`ErrorKind::Disconnected`].
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +22,7 @@ use crate::device::{BlockDevice, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Op, Result};
 use crate::pipe::{self, Filled, Payload, Piped};
 use crate::replica::{Connector, Replica};
+use crate::shm::{ShmBuf, ShmPool};
 use crate::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
     SnapTarget, SnapshotEntry,
@@ -128,6 +130,28 @@ impl Drop for PipedGuard<'_> {
     }
 }
 
+/// A shared WRITE payload until its replica answers; dropped without an
+/// answer (time-out, lost connection, dropped future), it is leaked.
+struct SharedHold<'a> {
+    pool: &'a ShmPool,
+    data: Option<Bytes>,
+}
+
+impl SharedHold<'_> {
+    /// The replica answered: it no longer reads the payload.
+    fn answered(mut self) {
+        self.data = None;
+    }
+}
+
+impl Drop for SharedHold<'_> {
+    fn drop(&mut self) {
+        if let Some(data) = self.data.take() {
+            self.pool.leak(data);
+        }
+    }
+}
+
 /// Removes a request's pending entry if its future is dropped early.
 struct PendingGuard<'a> {
     conn: &'a Conn,
@@ -152,6 +176,8 @@ pub struct RemoteReplica {
     conn: Arc<Conn>,
     /// READ replies can be spliced out of the connection (a Unix socket).
     pipes: bool,
+    /// The payload memory the replica mapped, if it did.
+    shm: Option<Arc<ShmPool>>,
 }
 
 impl std::fmt::Debug for RemoteReplica {
@@ -190,21 +216,75 @@ async fn open_stream(addr: &str, opts: &RemoteOptions) -> Result<Stream> {
 }
 
 async fn handshake(stream: &mut Stream, hello: &Hello, opts: &RemoteOptions) -> Result<HelloReply> {
+    handshake_sharing(stream, hello, opts, None).await
+}
+
+/// The handshake; over a Unix socket, `shm` goes along with the Hello.
+async fn handshake_sharing(
+    stream: &mut Stream,
+    hello: &Hello,
+    opts: &RemoteOptions,
+    shm: Option<BorrowedFd<'_>>,
+) -> Result<HelloReply> {
     match stream {
-        Stream::Tcp(s) => exchange_hello(s, hello, opts).await,
-        Stream::Unix(s) => exchange_hello(s, hello, opts).await,
+        Stream::Tcp(s) => exchange_hello(s, hello, opts, None).await,
+        Stream::Unix(s) => exchange_hello(s, hello, opts, shm).await,
     }
 }
 
-async fn exchange_hello<S: AsyncRead + AsyncWrite + Unpin>(
+/// Sends all of `bytes` with `fd` attached (`SCM_RIGHTS`).
+async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let sent = loop {
+        stream.writable().await?;
+        match stream.try_io(tokio::io::Interest::WRITABLE, || crate::fdpass::send(stream.as_fd(), bytes, fd))
+        {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    // The descriptor went with the first byte; the rest is plain data.
+    let mut rest = &bytes[sent..];
+    while !rest.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A stream the Hello may go over; a Unix socket can carry a descriptor.
+trait HelloStream: AsyncRead + AsyncWrite + Unpin {
+    async fn send_hello(&mut self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+        let _ = fd;
+        self.write_all(bytes).await
+    }
+}
+
+impl HelloStream for TcpStream {}
+
+impl HelloStream for UnixStream {
+    async fn send_hello(&mut self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+        match fd {
+            Some(fd) => send_with_fd(self, bytes, fd).await,
+            None => self.write_all(bytes).await,
+        }
+    }
+}
+
+async fn exchange_hello<S: HelloStream>(
     stream: &mut S,
     hello: &Hello,
     opts: &RemoteOptions,
+    shm: Option<BorrowedFd<'_>>,
 ) -> Result<HelloReply> {
     let exchange = async {
         let mut out = BytesMut::new();
         wire::encode_hello(hello, &mut out)?;
-        stream.write_all(&out).await?;
+        stream.send_hello(&out, shm).await?;
         let mut buf = BytesMut::with_capacity(512);
         loop {
             if let Some(reply) = wire::decode_hello_reply(&mut buf)? {
@@ -245,6 +325,20 @@ impl RemoteReplica {
         epoch: u64,
         opts: RemoteOptions,
     ) -> Result<RemoteReplica> {
+        RemoteReplica::connect_shared(addr, volume, size, epoch, opts, None).await
+    }
+
+    /// Like [`RemoteReplica::connect`], offering a replica on this machine
+    /// the payload memory `shm`; large WRITEs whose payload is in it are
+    /// then sent as references if the replica accepts.
+    pub async fn connect_shared(
+        addr: &str,
+        volume: &str,
+        size: u64,
+        epoch: u64,
+        opts: RemoteOptions,
+        shm: Option<Arc<ShmPool>>,
+    ) -> Result<RemoteReplica> {
         let mut stream = open_stream(addr, &opts).await?;
         let hello = Hello {
             version: wire::PROTOCOL_VERSION,
@@ -253,10 +347,11 @@ impl RemoteReplica {
             epoch,
             volume: volume.to_string(),
         };
-        let reply = handshake(&mut stream, &hello, &opts).await?;
+        let reply = handshake_sharing(&mut stream, &hello, &opts, shm.as_ref().map(|p| p.fd())).await?;
         if let Some(err) = reply.error() {
             return Err(err.with_op(Op::Handshake));
         }
+        let shm = shm.filter(|_| reply.flags & wire::HELLO_SHM != 0);
         if reply.size != size {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -290,7 +385,7 @@ impl RemoteReplica {
                 tokio::spawn(read_loop(conn.clone(), rd));
             }
         }
-        Ok(RemoteReplica { addr: addr.to_string(), size, epoch, meta: reply.meta, opts, conn, pipes })
+        Ok(RemoteReplica { addr: addr.to_string(), size, epoch, meta: reply.meta, opts, conn, pipes, shm })
     }
 
     pub fn addr(&self) -> &str {
@@ -664,6 +759,30 @@ impl Replica for RemoteReplica {
             flags |= wire::FLAG_CRC;
         }
         let length = data.len() as u64;
+        if let Some(pool) = &self.shm
+            && let Some(at) = pool.locate(&data)
+        {
+            // Only the payload's place goes over the socket. Its memory
+            // must stay as it is until the replica has answered; without
+            // an answer it is retired (see `crate::shm`).
+            let hold = SharedHold { pool, data: Some(data) };
+            let req = Request {
+                opcode: Opcode::Write,
+                flags: flags | wire::FLAG_SHM,
+                tag: 0,
+                offset,
+                length,
+                generation,
+                crc: crc.unwrap_or(0),
+                data: Bytes::copy_from_slice(&at.to_be_bytes()),
+            };
+            let result = self.send(req).await;
+            if !matches!(&result, Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Disconnected))
+            {
+                hold.answered();
+            }
+            return result.map(drop);
+        }
         let req = Request {
             opcode: Opcode::Write,
             flags,
@@ -806,17 +925,25 @@ pub struct RemoteConnector {
     pub volume: String,
     pub size: u64,
     pub opts: RemoteOptions,
+    /// Payload memory offered to replicas on this machine (see [`crate::shm`]).
+    pub shm: Option<Arc<ShmPool>>,
 }
 
 impl Connector for RemoteConnector {
     type Link = RemoteReplica;
 
     async fn attach(&self, addr: &str, epoch: u64) -> Result<(RemoteReplica, ReplicaMeta)> {
-        let r = RemoteReplica::connect(addr, &self.volume, self.size, epoch, self.opts).await?;
+        let r =
+            RemoteReplica::connect_shared(addr, &self.volume, self.size, epoch, self.opts, self.shm.clone())
+                .await?;
         let meta = r.meta.clone().ok_or_else(|| {
             Error::new(ErrorKind::Protocol, format!("replica {addr} sent no metadata")).with_op(Op::Handshake)
         })?;
         Ok((r, meta))
+    }
+
+    fn payload_buffer(&self, len: usize) -> Option<ShmBuf> {
+        self.shm.as_ref()?.alloc(len)
     }
 }
 

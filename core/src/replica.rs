@@ -152,6 +152,13 @@ pub trait Connector: Send + Sync + 'static {
         addr: &str,
         epoch: u64,
     ) -> impl Future<Output = Result<(Self::Link, ReplicaMeta)>> + Send;
+
+    /// Room for a `len`-byte WRITE payload in memory the replicas share
+    /// (see [`crate::shm`]), where there is any.
+    fn payload_buffer(&self, len: usize) -> Option<crate::shm::ShmBuf> {
+        let _ = len;
+        None
+    }
 }
 
 /// Regions (of `region` bytes) touched by a change of `len` bytes at `offset`.

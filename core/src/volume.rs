@@ -1793,6 +1793,10 @@ impl<C: Connector> BlockDevice for Volume<C> {
         true
     }
 
+    fn payload_buffer(&self, len: usize) -> Option<crate::shm::ShmBuf> {
+        self.connector.payload_buffer(len)
+    }
+
     async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<()> {
         let pipe = match data {
             Payload::Bytes(data) => return self.write(offset, data, fua).await,

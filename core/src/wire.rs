@@ -94,11 +94,18 @@ pub const FLAG_SYSTEM: u8 = 8;
 /// READ: the controller splices the reply onward, so the payload must not
 /// be sent from memory the replica will reuse (see [`crate::pipe`]).
 pub const FLAG_PIPE: u8 = 16;
+/// WRITE: the payload is in the memory the controller shared at the
+/// handshake ([`crate::shm`]); the frame carries only its offset there
+/// ([`crate::shm::REF_LEN`] bytes), `length` is the payload's length.
+pub const FLAG_SHM: u8 = 32;
 
 /// HelloReply flag: the replica's store was shut down cleanly last time.
 pub const HELLO_CLEAN: u32 = 1;
 /// HelloReply flag: the replica is bound to a volume (name is set).
 pub const HELLO_BOUND: u32 = 2;
+/// HelloReply flag: the replica mapped the payload memory sent with the
+/// Hello, so WRITEs may carry [`FLAG_SHM`].
+pub const HELLO_SHM: u32 = 4;
 
 /// Wire-level decoding failure. Always fatal for the connection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -188,7 +195,7 @@ impl Opcode {
     /// Flags a request with this opcode may carry.
     fn allowed_flags(self) -> u8 {
         match self {
-            Opcode::Write => FLAG_FUA | FLAG_CRC,
+            Opcode::Write => FLAG_FUA | FLAG_CRC | FLAG_SHM,
             Opcode::Trim => FLAG_FUA,
             Opcode::WriteZeroes => FLAG_FUA | FLAG_NO_HOLE,
             Opcode::SnapCreate => FLAG_SYSTEM,
@@ -469,6 +476,11 @@ fn has_payload(op: Opcode) -> bool {
     )
 }
 
+/// A WRITE whose payload is in shared memory (see [`FLAG_SHM`]).
+fn is_shared(op: Opcode, flags: u8) -> bool {
+    op == Opcode::Write && flags & FLAG_SHM != 0
+}
+
 /// Encodes a request header; a payload is sent after it separately (so
 /// large buffers are not copied).
 pub fn encode_request_header(r: &Request, out: &mut BytesMut) {
@@ -477,7 +489,8 @@ pub fn encode_request_header(r: &Request, out: &mut BytesMut) {
 
 /// The header of `r`, as [`encode_request_header`] writes it.
 pub fn request_header(r: &Request) -> [u8; REQUEST_LEN] {
-    let length = if has_payload(r.opcode) { r.data.len() as u64 } else { r.length };
+    let length =
+        if is_shared(r.opcode, r.flags) || !has_payload(r.opcode) { r.length } else { r.data.len() as u64 };
     request_header_sized(r, length)
 }
 
@@ -535,6 +548,7 @@ pub fn decode_request_header(buf: &[u8]) -> Result<Option<(Request, usize)>, Wir
             return Err(WireError::TooLarge(length));
         }
         Opcode::GetStamps if length > MAX_STAMPS => return Err(WireError::TooLarge(length)),
+        op if is_shared(op, hdr.flags) => crate::shm::REF_LEN,
         op if has_payload(op) => length as usize,
         Opcode::Flush | Opcode::Ping | Opcode::GetMeta | Opcode::SnapList if length != 0 => {
             return Err(WireError::Malformed("length"));
@@ -590,6 +604,9 @@ pub fn request_frame_len(buf: &[u8]) -> Option<usize> {
     let hdr = peek::<RequestHeader>(buf)?;
     let opcode = Opcode::from_u8(hdr.opcode)?;
     let length = hdr.length.get();
+    if is_shared(opcode, hdr.flags) {
+        return Some(REQUEST_LEN + crate::shm::REF_LEN);
+    }
     (has_payload(opcode) && length <= u64::from(MAX_IO_BYTES)).then(|| REQUEST_LEN + length as usize)
 }
 
@@ -1042,6 +1059,10 @@ mod tests {
                     data.truncate(MAX_META_LEN);
                 }
                 let (length, data) = match opcode {
+                    // A shared payload: only its place travels.
+                    op if is_shared(op, flags) => {
+                        (length, Bytes::copy_from_slice(&crc.to_le_bytes().repeat(2)))
+                    }
                     op if has_payload(op) => (data.len() as u64, Bytes::from(data)),
                     Opcode::Flush | Opcode::Ping | Opcode::GetMeta | Opcode::SnapList => (0, Bytes::new()),
                     _ => (length, Bytes::new()),

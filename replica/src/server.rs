@@ -20,8 +20,13 @@
 //! (accepted before the fence rose) to finish before it answers, so the
 //! new controller's view of the replica (record, region stamps, data)
 //! includes every change an older controller got in.
+//!
+//! A controller on the same machine may send its payload memory with the
+//! Hello (see [`jiva_core::shm`]); once mapped, WRITEs that carry
+//! [`wire::FLAG_SHM`] are stored straight from it, after a range check.
 
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
@@ -32,6 +37,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use jiva_core::device::{BlockDevice, ZeroFlags, check_range};
 use jiva_core::error::{Error, ErrorKind, Result};
 use jiva_core::pipe::{Payload, Piped};
+use jiva_core::shm::{self, ShmMap};
 use jiva_core::splice::ZeroCopy;
 use jiva_core::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
@@ -253,7 +259,15 @@ impl<B: Backend> ReplicaServer<B> {
                     };
                     let server = self.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = server.handle_connection_with(stream, zc).await {
+                        let mut buf = BytesMut::with_capacity(64 * 1024);
+                        // The Hello, and the payload memory that may come with it.
+                        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, L::first_read(&stream, &mut buf));
+                        let fd = match first.await {
+                            Ok(Ok(fd)) => fd,
+                            Ok(Err(e)) => return tracing::info!(%peer, "controller connection ended: {e}"),
+                            Err(_) => return tracing::info!(%peer, "controller sent no hello in time"),
+                        };
+                        if let Err(e) = server.handle_connection_with(stream, zc, buf, fd).await {
                             tracing::info!(%peer, "controller connection ended: {e}");
                         }
                     });
@@ -267,17 +281,23 @@ impl<B: Backend> ReplicaServer<B> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.handle_connection_with(stream, None).await
+        self.handle_connection_with(stream, None, BytesMut::with_capacity(64 * 1024), None).await
     }
 
     /// Like [`Self::handle_connection`], sending large replies through `zc`
-    /// (a zero-copy sender for the same socket).
-    async fn handle_connection_with<S>(self: Arc<Self>, stream: S, zc: Option<ZeroCopy>) -> Result<()>
+    /// (a zero-copy sender for the same socket); `buf` holds what was read
+    /// already, `shm_fd` the payload memory the controller sent with it.
+    async fn handle_connection_with<S>(
+        self: Arc<Self>,
+        stream: S,
+        zc: Option<ZeroCopy>,
+        mut buf: BytesMut,
+        shm_fd: Option<OwnedFd>,
+    ) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (mut rd, mut wr) = tokio::io::split(stream);
-        let mut buf = BytesMut::with_capacity(64 * 1024);
         let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
             loop {
                 if let Some(h) = wire::decode_hello(&mut buf)? {
@@ -294,7 +314,20 @@ impl<B: Backend> ReplicaServer<B> {
         .await
         .map_err(|_| Error::new(ErrorKind::TimedOut, "handshake not completed in time"))??;
 
-        let (reply, attached) = self.answer_hello(&hello).await;
+        let (mut reply, attached) = self.answer_hello(&hello).await;
+        let shm = match shm_fd {
+            Some(fd) if attached => match ShmMap::open(fd) {
+                Ok(map) => {
+                    reply.flags |= wire::HELLO_SHM;
+                    Some(map)
+                }
+                Err(e) => {
+                    tracing::warn!("not using the controller's payload memory: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
         let mut out = BytesMut::new();
         wire::encode_hello_reply(&reply, &mut out);
         wr.write_all(&out).await?;
@@ -303,7 +336,7 @@ impl<B: Backend> ReplicaServer<B> {
             return Ok(());
         }
         tracing::info!(volume = %hello.volume, epoch = hello.epoch, "controller attached");
-        self.serve_requests(rd, wr, buf, hello.epoch, zc).await
+        self.serve_requests(rd, wr, buf, hello.epoch, zc, shm).await
     }
 
     async fn answer_hello(&self, hello: &Hello) -> (HelloReply, bool) {
@@ -393,6 +426,7 @@ impl<B: Backend> ReplicaServer<B> {
         mut buf: BytesMut,
         epoch: u64,
         zc: Option<ZeroCopy>,
+        shm: Option<Arc<ShmMap>>,
     ) -> Result<()>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -402,7 +436,7 @@ impl<B: Backend> ReplicaServer<B> {
         let writer = tokio::spawn(write_responses(rx, wr, zc));
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let result = loop {
-            let req = match wire::decode_request(&mut buf) {
+            let mut req = match wire::decode_request(&mut buf) {
                 Ok(Some(req)) => req,
                 Ok(None) => match receive_large(&mut rd, &mut buf).await {
                     Ok(Some(req)) => req,
@@ -419,6 +453,18 @@ impl<B: Backend> ReplicaServer<B> {
                 },
                 Err(e) => break Err(e.into()),
             };
+            if req.opcode == Opcode::Write && req.flags & wire::FLAG_SHM != 0 {
+                match shared_payload(shm.as_ref(), &req) {
+                    Ok(data) => {
+                        req.data = data;
+                        req.flags &= !wire::FLAG_SHM;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Answer::plain(Response::error(req.tag, &e)));
+                        continue;
+                    }
+                }
+            }
             // Running from here on, so a takeover waits for this request;
             // the fence is checked (again) after, so none slips in behind
             // it. (A takeover that is waiting holds new requests back.)
@@ -593,13 +639,36 @@ impl<B: Backend> ReplicaServer<B> {
     }
 }
 
+/// The payload of a WRITE with [`wire::FLAG_SHM`]: the `req.length`
+/// bytes at the offset its frame carries, in the controller's memory.
+fn shared_payload(shm: Option<&Arc<ShmMap>>, req: &Request) -> Result<Bytes> {
+    let shm = shm.ok_or_else(|| Error::new(ErrorKind::Protocol, "no payload memory was shared"))?;
+    let at: [u8; shm::REF_LEN] = req.data[..]
+        .try_into()
+        .map_err(|_| Error::new(ErrorKind::Protocol, "malformed shared payload reference"))?;
+    let len = usize::try_from(req.length).unwrap_or(usize::MAX);
+    shm.slice(u64::from_be_bytes(at), len)
+        .ok_or_else(|| Error::new(ErrorKind::Protocol, "shared payload outside the shared memory"))
+}
+
 /// A socket the replica accepts controllers on: the connection, its
 /// zero-copy sender where the transport has one, and the peer for logs.
 trait ControllerListener: Send {
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static;
     fn accept_controller(
         &self,
     ) -> impl Future<Output = std::io::Result<(Self::Stream, Option<ZeroCopy>, String)>> + Send;
+
+    /// The first bytes from a new connection into `buf`, with the
+    /// descriptor that came along, where the transport carries them (the
+    /// default reads nothing: the handshake reads the Hello).
+    fn first_read(
+        stream: &Self::Stream,
+        buf: &mut BytesMut,
+    ) -> impl Future<Output = std::io::Result<Option<OwnedFd>>> + Send {
+        let _ = (stream, buf);
+        async { Ok(None) }
+    }
 }
 
 impl ControllerListener for TcpListener {
@@ -618,6 +687,24 @@ impl ControllerListener for UnixListener {
         // Large READ replies go to a local controller without a copy.
         let zc = ZeroCopy::new(std::os::fd::AsFd::as_fd(&stream));
         Ok((stream, zc, "unix socket".to_owned()))
+    }
+
+    async fn first_read(stream: &Self::Stream, buf: &mut BytesMut) -> std::io::Result<Option<OwnedFd>> {
+        let mut chunk = [0u8; 1024];
+        loop {
+            stream.readable().await?;
+            let got = stream.try_io(tokio::io::Interest::READABLE, || {
+                jiva_core::fdpass::recv(std::os::fd::AsFd::as_fd(stream), &mut chunk)
+            });
+            match got {
+                Ok((n, fd)) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    return Ok(fd);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 

@@ -895,6 +895,9 @@ where
             buffer = acquire_bytes(&limits.buffers, req.length).await;
             let len = req.length as usize;
             payload = Some(match splice_in {
+                _ if let Some(shared) = conn.device.payload_buffer(len) => {
+                    Payload::Bytes(receive_shared(rd, shared).await?)
+                }
                 Some(fd)
                     if conn.device.takes_piped_writes()
                         && (pipe::MIN_PIPED_WRITE_BYTES..=pipe::MAX_PIPED_BYTES).contains(&len) =>
@@ -977,6 +980,28 @@ async fn receive_bytes<R: AsyncRead + Unpin>(
         }
     }
     Ok(data.freeze())
+}
+
+/// Receives a WRITE payload into memory the device shares (see
+/// [`jiva_core::shm`]): what `rd` holds already, then the rest straight
+/// from the socket.
+async fn receive_shared<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    mut into: jiva_core::shm::ShmBuf,
+) -> io::Result<Bytes> {
+    let held = rd.buffer().len().min(into.len());
+    into.unfilled()[..held].copy_from_slice(&rd.buffer()[..held]);
+    into.advance(held);
+    rd.consume(held);
+    while into.filled() < into.len() {
+        // The reader's buffer is empty: reading around it keeps the order.
+        let n = rd.get_mut().read(into.unfilled()).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        into.advance(n);
+    }
+    Ok(into.freeze())
 }
 
 /// Receives a `len`-byte WRITE payload into a pipe: what the reader holds

@@ -1,0 +1,455 @@
+//! WRITE payloads in memory shared with replicas on the same machine.
+//!
+//! Sending a payload over a Unix socket costs the controller a page pin
+//! and socket buffers per replica, and each replica a copy out of its
+//! socket. Instead, the controller receives large WRITE payloads from the
+//! client straight into a [`ShmPool`], a sealed memfd it maps read-write
+//! and hands to each local replica at the handshake (as `SCM_RIGHTS` with
+//! the Hello). A WRITE then carries only the payload's place in the pool
+//! ([`crate::wire::FLAG_SHM`]); the replica maps the same memfd read-only
+//! ([`ShmMap`]) and stores straight from it: one copy per replica, into its
+//! page cache, instead of three.
+//!
+//! The lifetime rule: a payload's memory is reused only after every
+//! replica it was sent to has answered the WRITE (the replica answers once
+//! it no longer reads the payload). A request that ends without an answer
+//! (time-out, lost connection, dropped future) [`ShmPool::leak`]s its
+//! payload instead: that replica may still be reading it, so the memory is
+//! never reused. Leaks are bounded by the pool; when it is full, payloads
+//! go over the socket as before.
+//!
+//! The memfd is sealed against shrinking and growing before it is shared,
+//! and the replica checks the seals, so no mapping of it can ever fault
+//! (`SIGBUS`) on a shortened file. A controller can still change a payload
+//! while a replica stores it; that writes data the controller could have
+//! written anyway, and the replica's block checksums are computed from
+//! what it stores.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+
+use crate::pipe::cvt;
+
+/// Payloads at least this large go through shared memory where a replica
+/// has it (smaller ones cost less to copy through the socket).
+pub const MIN_SHM_BYTES: usize = 64 * 1024;
+
+/// Largest payload placed in shared memory.
+pub const MAX_SHM_BYTES: usize = 4 * 1024 * 1024;
+
+/// Default pool size: room for 32 requests of 1 MiB in flight per client
+/// connection, twice over.
+pub const DEFAULT_POOL_BYTES: usize = 64 * 1024 * 1024;
+
+/// Allocation unit.
+const UNIT: usize = 64 * 1024;
+
+/// Bytes a WRITE with [`crate::wire::FLAG_SHM`] carries on the wire: the
+/// payload's offset in the pool (big-endian).
+pub const REF_LEN: usize = 8;
+
+/// The seals a shared pool must carry.
+const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+/// A read-write mapping of `len` bytes of `fd`, or read-only.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory that stays valid until drop; access
+// is coordinated by the pool's allocator (writers) and the lifetime rule
+// in the module docs (readers).
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `Mapping` itself hands out no references.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Mapping> {
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: a fresh shared mapping of a descriptor we hold; the kernel
+        // picks the address. Checked for MAP_FAILED below.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Mapping { ptr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; nothing refers
+        // to it any more (every slice holds an `Arc` of its owner).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Free/used units of the pool.
+struct Units {
+    used: Vec<bool>,
+    /// Where the next search starts (allocation is first-fit from here).
+    cursor: usize,
+}
+
+impl Units {
+    fn take(&mut self, n: usize) -> Option<usize> {
+        let total = self.used.len();
+        if n == 0 || n > total {
+            return None;
+        }
+        let mut start = if self.cursor + n > total { 0 } else { self.cursor };
+        let mut wrapped = false;
+        loop {
+            match self.used[start..start + n].iter().rposition(|&u| u) {
+                None => {
+                    self.used[start..start + n].fill(true);
+                    self.cursor = start + n;
+                    return Some(start);
+                }
+                Some(busy) => start += busy + 1,
+            }
+            if start + n > total {
+                if wrapped {
+                    return None;
+                }
+                wrapped = true;
+                start = 0;
+            }
+            if wrapped && start >= self.cursor {
+                return None;
+            }
+        }
+    }
+
+    fn give(&mut self, first: usize, n: usize) {
+        self.used[first..first + n].fill(false);
+    }
+}
+
+/// The controller's shared payload memory. See the module docs.
+pub struct ShmPool {
+    fd: OwnedFd,
+    map: Mapping,
+    units: Mutex<Units>,
+    /// Payloads that ended without an answer: never reused.
+    leaked: Mutex<Vec<Bytes>>,
+    leaked_bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for ShmPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmPool").field("len", &self.map.len).finish()
+    }
+}
+
+impl ShmPool {
+    /// A pool of `len` bytes (rounded up to the allocation unit), sealed
+    /// against resizing.
+    pub fn new(len: usize) -> io::Result<Arc<ShmPool>> {
+        let len = len.max(UNIT).next_multiple_of(UNIT);
+        // SAFETY: memfd_create with a NUL-terminated name; checked below.
+        let raw = cvt(unsafe {
+            libc::memfd_create(c"jiva-payloads".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        })?;
+        // SAFETY: memfd_create succeeded: a new descriptor that is ours alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        File::from(fd.try_clone()?).set_len(len as u64)?;
+        // SAFETY: fcntl on a descriptor we own.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS | libc::F_SEAL_SEAL) })?;
+        let map = Mapping::new(fd.as_fd(), len, true)?;
+        let units = Units { used: vec![false; len / UNIT], cursor: 0 };
+        Ok(Arc::new(ShmPool {
+            fd,
+            map,
+            units: Mutex::new(units),
+            leaked: Mutex::new(Vec::new()),
+            leaked_bytes: AtomicU64::new(0),
+        }))
+    }
+
+    /// The memfd, to share with a replica.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Size of the pool in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.len == 0
+    }
+
+    /// Bytes given up by [`ShmPool::leak`].
+    pub fn leaked_bytes(&self) -> u64 {
+        self.leaked_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Room for a `len`-byte payload, or `None` if the pool has none free
+    /// (or `len` is outside the sizes worth sharing).
+    pub fn alloc(self: &Arc<Self>, len: usize) -> Option<ShmBuf> {
+        if !(MIN_SHM_BYTES..=MAX_SHM_BYTES).contains(&len) {
+            return None;
+        }
+        let n = len.div_ceil(UNIT);
+        let first = self.units.lock().unwrap_or_else(PoisonError::into_inner).take(n)?;
+        Some(ShmBuf { slot: Slot { pool: self.clone(), first, units: n, len }, filled: 0 })
+    }
+
+    /// Where `data` lies in the pool, if it does.
+    pub fn locate(&self, data: &[u8]) -> Option<u64> {
+        let base = self.map.ptr.as_ptr() as usize;
+        let at = (data.as_ptr() as usize).checked_sub(base)?;
+        (at + data.len() <= self.map.len && !data.is_empty()).then_some(at as u64)
+    }
+
+    /// Never reuses `data`'s memory: a replica may still read it.
+    pub fn leak(&self, data: Bytes) {
+        if self.locate(&data).is_none() {
+            return;
+        }
+        let total = self.leaked_bytes.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+        tracing::warn!(
+            leaked_bytes = total,
+            "a shared WRITE payload ended without the replica's answer; its memory is retired"
+        );
+        self.leaked.lock().unwrap_or_else(PoisonError::into_inner).push(data);
+    }
+}
+
+/// Units of the pool held by one payload; freed on drop.
+struct Slot {
+    pool: Arc<ShmPool>,
+    first: usize,
+    units: usize,
+    len: usize,
+}
+
+impl Slot {
+    fn ptr(&self) -> *mut u8 {
+        // SAFETY: `first * UNIT` lies within the mapping (the allocator
+        // hands out only units inside it).
+        unsafe { self.pool.map.ptr.as_ptr().add(self.first * UNIT) }
+    }
+}
+
+impl AsRef<[u8]> for Slot {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the slot's units are ours until drop and lie within the
+        // mapping; once frozen nobody in this process writes them.
+        unsafe { std::slice::from_raw_parts(self.ptr(), self.len) }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.pool.units.lock().unwrap_or_else(PoisonError::into_inner).give(self.first, self.units);
+    }
+}
+
+/// A payload being received into the pool.
+pub struct ShmBuf {
+    slot: Slot,
+    filled: usize,
+}
+
+impl std::fmt::Debug for ShmBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmBuf").field("len", &self.slot.len).field("filled", &self.filled).finish()
+    }
+}
+
+impl ShmBuf {
+    /// The payload's length.
+    pub fn len(&self) -> usize {
+        self.slot.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slot.len == 0
+    }
+
+    /// Bytes received so far.
+    pub fn filled(&self) -> usize {
+        self.filled
+    }
+
+    /// The part not yet received, to read into; then [`ShmBuf::advance`].
+    pub fn unfilled(&mut self) -> &mut [u8] {
+        // SAFETY: the slot's units are ours alone until frozen (the pool
+        // hands each unit to one slot); memfd memory is initialised (zero).
+        let all = unsafe { std::slice::from_raw_parts_mut(self.slot.ptr(), self.slot.len) };
+        &mut all[self.filled..]
+    }
+
+    /// Marks `n` more bytes received.
+    pub fn advance(&mut self, n: usize) {
+        self.filled = (self.filled + n).min(self.slot.len);
+    }
+
+    /// The complete payload.
+    pub fn freeze(self) -> Bytes {
+        debug_assert_eq!(self.filled, self.slot.len, "payload not fully received");
+        Bytes::from_owner(self.slot)
+    }
+}
+
+/// A replica's read-only mapping of a controller's pool.
+pub struct ShmMap {
+    map: Mapping,
+}
+
+impl std::fmt::Debug for ShmMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmMap").field("len", &self.map.len).finish()
+    }
+}
+
+impl ShmMap {
+    /// Maps a pool received from a controller, after checking that it is
+    /// a memfd sealed against shrinking and growing.
+    pub fn open(fd: OwnedFd) -> io::Result<Arc<ShmMap>> {
+        // SAFETY: fcntl query on a descriptor we own.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & SEALS != SEALS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "shared payload memory is not sealed against resizing",
+            ));
+        }
+        let len = File::from(fd.try_clone()?).metadata()?.len();
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if len == 0 || len > 1 << 34 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "shared payload memory has an odd size"));
+        }
+        let map = Mapping::new(fd.as_fd(), len, false)?;
+        Ok(Arc::new(ShmMap { map }))
+    }
+
+    /// Size of the mapping.
+    pub fn len(&self) -> usize {
+        self.map.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.len == 0
+    }
+
+    /// `len` bytes at `offset`, without a copy; `None` if the range is
+    /// not inside the mapping.
+    pub fn slice(self: &Arc<Self>, offset: u64, len: usize) -> Option<Bytes> {
+        let offset = usize::try_from(offset).ok()?;
+        if len == 0 || offset.checked_add(len)? > self.map.len {
+            return None;
+        }
+        Some(Bytes::from_owner(MappedSlice { map: self.clone(), offset, len }))
+    }
+}
+
+/// Part of a [`ShmMap`], as the owner of a `Bytes`.
+struct MappedSlice {
+    map: Arc<ShmMap>,
+    offset: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for MappedSlice {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the range was checked against the mapping, which lives as
+        // long as `self.map`. The controller writes a payload before
+        // sending its WRITE and reuses it only after our answer.
+        unsafe { std::slice::from_raw_parts(self.map.map.ptr.as_ptr().add(self.offset), self.len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_are_handed_out_once_and_come_back() {
+        let mut u = Units { used: vec![false; 8], cursor: 0 };
+        assert_eq!(u.take(3), Some(0));
+        assert_eq!(u.take(3), Some(3));
+        assert_eq!(u.take(3), None, "only two units left");
+        assert_eq!(u.take(2), Some(6));
+        u.give(3, 3);
+        assert_eq!(u.take(4), None, "three free in a row at most");
+        assert_eq!(u.take(3), Some(3));
+        u.give(0, 3);
+        u.give(6, 2);
+        assert_eq!(u.take(1), Some(6), "first fit from the cursor");
+        assert_eq!(u.take(2), Some(0), "wraps around");
+        assert_eq!(u.take(9), None);
+        assert_eq!(u.take(0), None);
+    }
+
+    #[test]
+    fn a_payload_written_into_the_pool_reads_back_through_a_second_mapping() {
+        let pool = ShmPool::new(1 << 20).unwrap();
+        let mut buf = pool.alloc(100_000).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        buf.unfilled()[..60_000].copy_from_slice(&data[..60_000]);
+        buf.advance(60_000);
+        buf.unfilled().copy_from_slice(&data[60_000..]);
+        buf.advance(40_000);
+        let frozen = buf.freeze();
+        assert_eq!(&frozen[..], &data[..]);
+        let at = pool.locate(&frozen).unwrap();
+        assert_eq!(pool.locate(&frozen[10..20]), Some(at + 10));
+        assert_eq!(pool.locate(&data), None, "heap memory is not in the pool");
+
+        let map = ShmMap::open(pool.fd().try_clone_to_owned().unwrap()).unwrap();
+        assert_eq!(map.len(), pool.len());
+        assert_eq!(&map.slice(at, data.len()).unwrap()[..], &data[..]);
+        assert!(map.slice(at + 1, map.len()).is_none(), "past the end");
+        assert!(map.slice(0, map.len()).is_some(), "all of it");
+        assert!(map.slice(u64::MAX, 1).is_none());
+        assert!(map.slice(0, 0).is_none());
+    }
+
+    #[test]
+    fn freed_payloads_are_reused_and_leaked_ones_never() {
+        let pool = ShmPool::new(4 * UNIT).unwrap();
+        let fill = |b: &mut ShmBuf| {
+            let n = b.len();
+            b.unfilled().fill(7);
+            b.advance(n);
+        };
+        let mut a = pool.alloc(2 * UNIT).unwrap();
+        fill(&mut a);
+        let a = a.freeze();
+        let mut b = pool.alloc(2 * UNIT).unwrap();
+        fill(&mut b);
+        let b = b.freeze();
+        assert!(pool.alloc(UNIT).is_none(), "full");
+        drop(a);
+        let c = pool.alloc(2 * UNIT).expect("freed units are reused");
+        drop(c);
+        pool.leak(b);
+        assert_eq!(pool.leaked_bytes(), 2 * UNIT as u64);
+        assert!(pool.alloc(3 * UNIT).is_none(), "leaked units stay taken");
+        assert!(pool.alloc(2 * UNIT).is_some());
+        assert!(pool.alloc(MIN_SHM_BYTES - 1).is_none(), "too small to share");
+    }
+
+    #[test]
+    fn an_unsealed_memfd_is_refused() {
+        // SAFETY: memfd_create with a NUL-terminated name; checked below.
+        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor that is ours alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        File::from(fd.try_clone().unwrap()).set_len(1 << 20).unwrap();
+        assert!(ShmMap::open(fd).is_err());
+    }
+}
