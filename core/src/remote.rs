@@ -396,6 +396,12 @@ impl RemoteReplica {
         self.epoch
     }
 
+    /// Whether large WRITEs whose payload is in the shared pool go as
+    /// references (the replica mapped the pool at the handshake).
+    pub fn shares_memory(&self) -> bool {
+        self.shm.is_some()
+    }
+
     /// False once the connection has broken.
     pub fn is_connected(&self) -> bool {
         !self.conn.closed.load(Ordering::SeqCst)

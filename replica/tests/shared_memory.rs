@@ -1,0 +1,224 @@
+//! WRITE payloads in memory shared with a replica on the same machine
+//! (`jiva_core::shm`): stored straight from the controller's pool, never
+//! reused before the replica answers, and checked at the replica's edge.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use jiva_core::remote::{self, RemoteOptions, RemoteReplica};
+use jiva_core::replica::Replica;
+use jiva_core::shm::{ShmBuf, ShmPool};
+use jiva_core::wire::{self, Opcode, Request};
+use jiva_core::{BlockDevice, ErrorKind};
+use jiva_replica::server::{Faults, ReplicaServer};
+use jiva_replica::{Store, StoreOptions};
+
+const SIZE: u64 = 16 << 20;
+
+struct Running {
+    addr: String,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start(faults: Faults) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), SIZE, StoreOptions::default()).await.unwrap();
+    let server = Arc::new(ReplicaServer::new(Arc::new(store)).with_faults(faults));
+    let path = dir.path().join("replica.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.serve_unix(listener, async move {
+        let _ = rx.await;
+    }));
+    let addr = format!("{}{}", remote::UNIX_PREFIX, path.display());
+    Running { addr, path, _dir: dir, _stop: tx }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i / 3) as u8 ^ seed).collect()
+}
+
+/// `data` copied into a payload buffer of `pool`.
+fn shared(pool: &Arc<ShmPool>, data: &[u8]) -> Bytes {
+    let mut buf: ShmBuf = pool.alloc(data.len()).expect("room in the pool");
+    buf.unfilled().copy_from_slice(data);
+    buf.advance(data.len());
+    buf.freeze()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_payloads_are_stored_and_their_memory_comes_back() {
+    let r = start(Faults::default()).await;
+    let pool = ShmPool::new(8 << 20).unwrap();
+    let opts = RemoteOptions::default();
+    let rep = Arc::new(
+        RemoteReplica::connect_shared(&r.addr, "vol", SIZE, 1, opts, Some(pool.clone())).await.unwrap(),
+    );
+    assert!(rep.shares_memory());
+
+    // Aligned and unaligned, plain and FUA, shared and heap payloads, all
+    // in flight at once.
+    let writes: [(u64, usize, bool); 6] = [
+        (0, 1 << 20, false),
+        ((2 << 20) + 512, 65536 + 1000, false),
+        (4 << 20, 4 << 20, true),
+        ((9 << 20) - 4096, 100_000, false),
+        (10 << 20, 65536, false),
+        (12 << 20, 3 << 20, false),
+    ];
+    let mut expect = vec![0u8; SIZE as usize];
+    let mut tasks = Vec::new();
+    for (i, &(offset, len, fua)) in writes.iter().enumerate() {
+        let data = pattern(i as u8 + 1, len);
+        expect[offset as usize..offset as usize + len].copy_from_slice(&data);
+        let payload = if i % 3 == 2 { Bytes::from(data) } else { shared(&pool, &data) };
+        let rep = rep.clone();
+        tasks.push(tokio::spawn(async move { rep.write_at(offset, payload, fua, 1, None).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let got = rep.read(0, SIZE as usize).await.unwrap();
+    assert!(got[..] == expect[..], "what the replica stored differs from what was written");
+    // Answered payloads free their memory: the whole pool is free again.
+    let all: Vec<ShmBuf> = std::iter::from_fn(|| pool.alloc(65536)).collect();
+    assert_eq!(all.len() * 65536, pool.len(), "payload memory still held after the answers");
+    drop(all);
+    assert_eq!(pool.leaked_bytes(), 0);
+
+    // Without a pool (or for a replica that refuses it) payloads go over
+    // the socket as before.
+    let plain = RemoteReplica::connect(&r.addr, "vol", SIZE, 2, opts).await.unwrap();
+    assert!(!plain.shares_memory());
+    plain.write_at(0, shared(&pool, &pattern(9, 65536)), false, 2, None).await.unwrap();
+    assert_eq!(&plain.read(0, 65536).await.unwrap()[..], &pattern(9, 65536)[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_payload_without_an_answer_is_never_reused() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let r = start(Faults { write_gate: Some(gate.clone()), ..Faults::default() }).await;
+    let pool = ShmPool::new(1 << 20).unwrap();
+    let opts = RemoteOptions { request_timeout: Duration::from_millis(300), ..RemoteOptions::default() };
+    let rep = RemoteReplica::connect_shared(&r.addr, "vol", SIZE, 1, opts, Some(pool.clone())).await.unwrap();
+    assert!(rep.shares_memory());
+
+    // The replica accepts the write but stalls at the disk past the
+    // controller's bound.
+    let data = pattern(5, 1 << 20);
+    let e = rep.write_at(0, shared(&pool, &data), false, 1, None).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    // The replica may still read that memory: it is retired, not reused.
+    assert_eq!(pool.leaked_bytes(), 1 << 20);
+    assert!(pool.alloc(65536).is_none(), "a timed-out payload's memory was handed out again");
+
+    // When the disk comes back, the replica stores what was sent.
+    gate.add_permits(1);
+    let check = RemoteReplica::connect(&r.addr, "vol", SIZE, 2, RemoteOptions::default()).await.unwrap();
+    assert!(check.read(0, 1 << 20).await.unwrap()[..] == data[..]);
+}
+
+/// A raw Unix connection whose Hello carries `fd`; returns the stream and
+/// the reply's flags.
+fn raw_hello(
+    path: &std::path::Path,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> (std::os::unix::net::UnixStream, u32) {
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = wire::Hello {
+        version: wire::PROTOCOL_VERSION,
+        mode: wire::HelloMode::Attach,
+        size: SIZE,
+        epoch: 1,
+        volume: "vol".into(),
+    };
+    let mut out = BytesMut::new();
+    wire::encode_hello(&hello, &mut out).unwrap();
+    match fd {
+        Some(fd) => assert_eq!(jiva_core::fdpass::send(s.as_fd(), &out, fd).unwrap(), out.len()),
+        None => s.write_all(&out).unwrap(),
+    }
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(reply) = wire::decode_hello_reply(&mut buf).unwrap() {
+            assert_eq!(reply.status, 0, "{}", reply.message);
+            return (s, reply.flags);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed during the handshake");
+        buf.put_slice(&chunk[..n]);
+    }
+}
+
+/// Sends a WRITE of `length` bytes said to be at `at` in shared memory and
+/// returns the status of its answer.
+fn shared_write(s: &mut std::os::unix::net::UnixStream, tag: u64, at: u64, length: u64) -> u16 {
+    let req = Request {
+        opcode: Opcode::Write,
+        flags: wire::FLAG_SHM,
+        tag,
+        offset: 0,
+        length,
+        generation: 1,
+        crc: 0,
+        data: Bytes::copy_from_slice(&at.to_be_bytes()),
+    };
+    let mut out = BytesMut::new();
+    wire::encode_request_header(&req, &mut out);
+    out.put_slice(&req.data);
+    s.write_all(&out).unwrap();
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(resp) = wire::decode_response(&mut buf).unwrap() {
+            assert_eq!(resp.tag, tag);
+            return resp.status;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "the replica closed the connection");
+        buf.put_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_shared_memory_and_references_are_refused_at_the_edge() {
+    let r = start(Faults::default()).await;
+    let path = r.path.clone();
+    let protocol = ErrorKind::Protocol.code();
+    tokio::task::spawn_blocking(move || {
+        // Memory that is not sealed could shrink under the replica's
+        // mapping (SIGBUS): refused, and the connection serves without it.
+        // SAFETY: memfd_create with a NUL-terminated name; checked below.
+        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor that is ours alone.
+        let unsealed = unsafe { OwnedFd::from_raw_fd(raw) };
+        std::fs::File::from(unsealed.try_clone().unwrap()).set_len(1 << 20).unwrap();
+        let (mut s, flags) = raw_hello(&path, Some(unsealed.as_fd()));
+        assert_eq!(flags & wire::HELLO_SHM, 0);
+        assert_eq!(shared_write(&mut s, 1, 0, 65536), protocol, "a reference without shared memory");
+
+        // Sealed memory is mapped; references outside it are refused, and
+        // the connection goes on.
+        let pool = ShmPool::new(1 << 20).unwrap();
+        let (mut s, flags) = raw_hello(&path, Some(pool.fd()));
+        assert_ne!(flags & wire::HELLO_SHM, 0);
+        assert_eq!(shared_write(&mut s, 2, 1 << 20, 4096), protocol, "past the end");
+        assert_eq!(shared_write(&mut s, 3, (1 << 20) - 4096, 8192), protocol, "across the end");
+        assert_eq!(shared_write(&mut s, 4, u64::MAX - 10, 65536), protocol, "offset overflow");
+        assert_eq!(shared_write(&mut s, 5, 0, 0), protocol, "empty");
+        assert_eq!(shared_write(&mut s, 6, 0, 1 << 20), 0, "the whole pool");
+    })
+    .await
+    .unwrap();
+    let check = RemoteReplica::connect(&r.addr, "vol", SIZE, 2, RemoteOptions::default()).await.unwrap();
+    assert!(check.read(0, 1 << 20).await.unwrap().iter().all(|&b| b == 0), "the pool was zeros");
+    assert!(check.read(1 << 20, 1 << 20).await.unwrap().iter().all(|&b| b == 0));
+}
