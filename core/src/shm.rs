@@ -44,10 +44,6 @@ pub const MIN_SHM_BYTES: usize = 4096;
 /// Largest payload placed in shared memory.
 pub const MAX_SHM_BYTES: usize = 4 * 1024 * 1024;
 
-/// Default pool size: room for 32 requests of 1 MiB in flight per client
-/// connection, twice over.
-pub const DEFAULT_POOL_BYTES: usize = 64 * 1024 * 1024;
-
 /// Allocation unit (one block: the smallest payload shared).
 const UNIT: usize = 4096;
 
@@ -93,11 +89,11 @@ impl Drop for Mapping {
     }
 }
 
-/// Free/used units of the pool.
+/// Free/used units of the pool. Allocation is first-fit from the start,
+/// so the pages in use (a memfd keeps every page once touched) stay near
+/// the most ever in flight at once rather than growing to the whole pool.
 struct Units {
     used: Vec<bool>,
-    /// Where the next search starts (allocation is first-fit from here).
-    cursor: usize,
 }
 
 impl Units {
@@ -106,28 +102,17 @@ impl Units {
         if n == 0 || n > total {
             return None;
         }
-        let mut start = if self.cursor + n > total { 0 } else { self.cursor };
-        let mut wrapped = false;
-        loop {
+        let mut start = 0;
+        while start + n <= total {
             match self.used[start..start + n].iter().rposition(|&u| u) {
                 None => {
                     self.used[start..start + n].fill(true);
-                    self.cursor = start + n;
                     return Some(start);
                 }
                 Some(busy) => start += busy + 1,
             }
-            if start + n > total {
-                if wrapped {
-                    return None;
-                }
-                wrapped = true;
-                start = 0;
-            }
-            if wrapped && start >= self.cursor {
-                return None;
-            }
         }
+        None
     }
 
     fn give(&mut self, first: usize, n: usize) {
@@ -166,7 +151,7 @@ impl ShmPool {
         // SAFETY: fcntl on a descriptor we own.
         cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS | libc::F_SEAL_SEAL) })?;
         let map = Mapping::new(fd.as_fd(), len, true)?;
-        let units = Units { used: vec![false; len / UNIT], cursor: 0 };
+        let units = Units { used: vec![false; len / UNIT] };
         Ok(Arc::new(ShmPool {
             fd,
             map,
@@ -378,7 +363,7 @@ mod tests {
 
     #[test]
     fn units_are_handed_out_once_and_come_back() {
-        let mut u = Units { used: vec![false; 8], cursor: 0 };
+        let mut u = Units { used: vec![false; 8] };
         assert_eq!(u.take(3), Some(0));
         assert_eq!(u.take(3), Some(3));
         assert_eq!(u.take(3), None, "only two units left");
@@ -388,8 +373,10 @@ mod tests {
         assert_eq!(u.take(3), Some(3));
         u.give(0, 3);
         u.give(6, 2);
-        assert_eq!(u.take(1), Some(6), "first fit from the cursor");
-        assert_eq!(u.take(2), Some(0), "wraps around");
+        assert_eq!(u.take(1), Some(0), "first fit from the start");
+        assert_eq!(u.take(2), Some(1));
+        assert_eq!(u.take(2), Some(6), "skips what does not fit");
+        assert_eq!(u.take(1), None);
         assert_eq!(u.take(9), None);
         assert_eq!(u.take(0), None);
     }

@@ -55,6 +55,10 @@
 //! what incremental rebuild reads back with GET_STAMPS. With [`FLAG_CRC`] a
 //! WRITE's `crc` is the crc32c of its payload and the replica refuses
 //! (`Corrupt`) a payload that does not match (rebuild copies use it).
+//! With [`FLAG_SHM`] a WRITE's frame carries, instead of its payload, the
+//! payload's offset (8 bytes) in the memory the controller sent with the
+//! Hello over a Unix socket (`SCM_RIGHTS`); the replica sets [`HELLO_SHM`]
+//! in its reply once it has mapped that memory (see [`crate::shm`]).
 //! All integers are big-endian. `status` is 0 for success, otherwise an
 //! [`ErrorKind::code`]. A probe reports the replica's identity without
 //! binding it; an attach binds it to the volume name and epoch (a replica
