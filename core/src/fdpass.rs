@@ -1,4 +1,4 @@
-//! Passing one descriptor along with stream bytes over a Unix socket
+//! Passing descriptors along with stream bytes over a Unix socket
 //! (`SCM_RIGHTS`): how a controller hands its payload memory
 //! ([`crate::shm`]) to a replica with the Hello.
 
@@ -7,18 +7,25 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::pipe::cvt_size;
 
-/// Control-message space for one descriptor.
+/// Most descriptors sent with one message.
+pub const MAX_FDS: usize = 4;
+
+/// Control-message space for [`MAX_FDS`] descriptors (and some slack).
 const CMSG_SPACE: usize = 64;
 
 #[repr(C, align(8))]
 struct CmsgBuf([u8; CMSG_SPACE]);
 
-/// One non-blocking `sendmsg` of (a prefix of) `bytes` on `sock` with `fd`
-/// attached; returns the bytes sent (the descriptor goes with them).
-pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
-    if bytes.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "a descriptor needs at least one byte"));
+/// One non-blocking `sendmsg` of (a prefix of) `bytes` on `sock` with
+/// `fds` attached; returns the bytes sent (the descriptors go with them).
+pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    if bytes.is_empty() || fds.is_empty() || fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "1 to 4 descriptors, with at least one byte",
+        ));
     }
+    let fds_len = (fds.len() * size_of::<RawFd>()) as u32;
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
     let mut cbuf = CmsgBuf([0; CMSG_SPACE]);
     // SAFETY: zeroed msghdr is a valid empty header; we fill its fields.
@@ -27,17 +34,20 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Resul
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.0.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(fds_len) } as usize;
     assert!(space <= CMSG_SPACE);
     msg.msg_controllen = space as _;
     // SAFETY: msg_control points at `space` bytes of aligned, zeroed memory,
-    // so CMSG_FIRSTHDR yields a header inside it, with room for one fd.
+    // so CMSG_FIRSTHDR yields a header inside it, with room for the fds.
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd.as_raw_fd());
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fds_len) as _;
+        let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+        for (i, fd) in fds.iter().enumerate() {
+            std::ptr::write_unaligned(data.add(i), fd.as_raw_fd());
+        }
     }
     // SAFETY: msg and everything it points to are live for the call.
     cvt_size(unsafe {
@@ -46,8 +56,8 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Resul
 }
 
 /// One non-blocking `recvmsg` into `buf` on `sock`: the bytes received
-/// and a descriptor if one came with them (any others are closed).
-pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+/// and the descriptors that came with them, in order.
+pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let mut cbuf = CmsgBuf([0; CMSG_SPACE]);
     // SAFETY: zeroed msghdr is a valid empty header; we fill its fields.
@@ -61,7 +71,7 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<O
     let n = cvt_size(unsafe {
         libc::recvmsg(sock.as_raw_fd(), &raw mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC)
     })?;
-    let mut got = None;
+    let mut got = Vec::new();
     // SAFETY: the kernel filled msg_control with well-formed headers up to
     // msg_controllen; CMSG_FIRSTHDR/NXTHDR walk within it.
     unsafe {
@@ -72,18 +82,15 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<O
                 let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / size_of::<RawFd>();
                 for i in 0..count {
                     let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                    // Each received descriptor is ours; keep the first.
-                    let fd = OwnedFd::from_raw_fd(raw);
-                    if got.is_none() {
-                        got = Some(fd);
-                    }
+                    // Each received descriptor is ours now.
+                    got.push(OwnedFd::from_raw_fd(raw));
                 }
             }
             cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 && got.is_none() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "descriptor truncated"));
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "more descriptors than expected"));
     }
     Ok((n, got))
 }
@@ -99,19 +106,23 @@ mod tests {
     fn a_descriptor_travels_with_the_first_bytes() {
         let (a, b) = UnixStream::pair().unwrap();
         let mut file = tempfile_with(b"shared");
-        send(a.as_fd(), b"hello", file.as_fd()).unwrap();
+        let other = tempfile_with(b"other");
+        send(a.as_fd(), b"hello", &[file.as_fd(), other.as_fd()]).unwrap();
         (&a).write_all(b" world").unwrap();
         let mut buf = [0u8; 64];
-        let (n, fd) = recv(b.as_fd(), &mut buf).unwrap();
-        assert_eq!(&buf[..n], b"hello", "the bytes sent with a descriptor arrive on their own");
-        let mut got = std::fs::File::from(fd.expect("descriptor"));
-        let mut s = String::new();
-        got.rewind().unwrap();
-        got.read_to_string(&mut s).unwrap();
-        assert_eq!(s, "shared");
-        let (n, fd) = recv(b.as_fd(), &mut buf).unwrap();
+        let (n, fds) = recv(b.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello", "the bytes sent with descriptors arrive on their own");
+        assert_eq!(fds.len(), 2);
+        for (fd, want) in fds.into_iter().zip(["shared", "other"]) {
+            let mut got = std::fs::File::from(fd);
+            let mut s = String::new();
+            got.rewind().unwrap();
+            got.read_to_string(&mut s).unwrap();
+            assert_eq!(s, want);
+        }
+        let (n, fds) = recv(b.as_fd(), &mut buf).unwrap();
         assert_eq!(&buf[..n], b" world");
-        assert!(fd.is_none());
+        assert!(fds.is_empty());
         file.flush().unwrap();
     }
 

@@ -152,6 +152,21 @@ impl Drop for SharedHold<'_> {
     }
 }
 
+/// A shared READ buffer until its replica answers; dropped before that
+/// (time-out, lost connection, dropped future), it is retired.
+struct SharedRead<'a> {
+    pool: &'a ShmPool,
+    buf: Option<ShmBuf>,
+}
+
+impl Drop for SharedRead<'_> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.pool.leak_buf(buf);
+        }
+    }
+}
+
 /// Removes a request's pending entry if its future is dropped early.
 struct PendingGuard<'a> {
     conn: &'a Conn,
@@ -178,6 +193,8 @@ pub struct RemoteReplica {
     pipes: bool,
     /// The payload memory the replica mapped, if it did.
     shm: Option<Arc<ShmPool>>,
+    /// Memory this replica puts READ replies in, if it mapped it.
+    reads: Option<Arc<ShmPool>>,
 }
 
 impl std::fmt::Debug for RemoteReplica {
@@ -216,34 +233,35 @@ async fn open_stream(addr: &str, opts: &RemoteOptions) -> Result<Stream> {
 }
 
 async fn handshake(stream: &mut Stream, hello: &Hello, opts: &RemoteOptions) -> Result<HelloReply> {
-    handshake_sharing(stream, hello, opts, None).await
+    handshake_sharing(stream, hello, opts, &[]).await
 }
 
-/// The handshake; over a Unix socket, `shm` goes along with the Hello.
+/// The handshake; over a Unix socket, the descriptors `shm` go along with
+/// the Hello.
 async fn handshake_sharing(
     stream: &mut Stream,
     hello: &Hello,
     opts: &RemoteOptions,
-    shm: Option<BorrowedFd<'_>>,
+    shm: &[BorrowedFd<'_>],
 ) -> Result<HelloReply> {
     match stream {
-        Stream::Tcp(s) => exchange_hello(s, hello, opts, None).await,
+        Stream::Tcp(s) => exchange_hello(s, hello, opts, &[]).await,
         Stream::Unix(s) => exchange_hello(s, hello, opts, shm).await,
     }
 }
 
-/// Sends all of `bytes` with `fd` attached (`SCM_RIGHTS`).
-async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> std::io::Result<()> {
+/// Sends all of `bytes` with `fds` attached (`SCM_RIGHTS`).
+async fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
     let sent = loop {
         stream.writable().await?;
-        match stream.try_io(tokio::io::Interest::WRITABLE, || crate::fdpass::send(stream.as_fd(), bytes, fd))
+        match stream.try_io(tokio::io::Interest::WRITABLE, || crate::fdpass::send(stream.as_fd(), bytes, fds))
         {
             Ok(n) => break n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     };
-    // The descriptor went with the first byte; the rest is plain data.
+    // The descriptors went with the first bytes; the rest is plain data.
     let mut rest = &bytes[sent..];
     while !rest.is_empty() {
         stream.writable().await?;
@@ -256,10 +274,10 @@ async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> 
     Ok(())
 }
 
-/// A stream the Hello may go over; a Unix socket can carry a descriptor.
+/// A stream the Hello may go over; a Unix socket can carry descriptors.
 trait HelloStream: AsyncRead + AsyncWrite + Unpin {
-    async fn send_hello(&mut self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
-        let _ = fd;
+    async fn send_hello(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+        let _ = fds;
         self.write_all(bytes).await
     }
 }
@@ -267,11 +285,8 @@ trait HelloStream: AsyncRead + AsyncWrite + Unpin {
 impl HelloStream for TcpStream {}
 
 impl HelloStream for UnixStream {
-    async fn send_hello(&mut self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
-        match fd {
-            Some(fd) => send_with_fd(self, bytes, fd).await,
-            None => self.write_all(bytes).await,
-        }
+    async fn send_hello(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+        if fds.is_empty() { self.write_all(bytes).await } else { send_with_fds(self, bytes, fds).await }
     }
 }
 
@@ -279,7 +294,7 @@ async fn exchange_hello<S: HelloStream>(
     stream: &mut S,
     hello: &Hello,
     opts: &RemoteOptions,
-    shm: Option<BorrowedFd<'_>>,
+    shm: &[BorrowedFd<'_>],
 ) -> Result<HelloReply> {
     let exchange = async {
         let mut out = BytesMut::new();
@@ -347,11 +362,22 @@ impl RemoteReplica {
             epoch,
             volume: volume.to_string(),
         };
-        let reply = handshake_sharing(&mut stream, &hello, &opts, shm.as_ref().map(|p| p.fd())).await?;
+        // Memory for this connection's READ replies, next to the shared
+        // memory for WRITE payloads.
+        let reads = match &shm {
+            Some(_) if matches!(stream, Stream::Unix(_)) => ShmPool::new(READ_POOL_BYTES)
+                .map_err(|e| tracing::warn!("no shared memory for reads from {addr}: {e}"))
+                .ok(),
+            _ => None,
+        };
+        let fds: Vec<BorrowedFd<'_>> = shm.iter().chain(reads.iter()).map(|p| p.fd()).collect();
+        let reply = handshake_sharing(&mut stream, &hello, &opts, &fds).await?;
+        drop(fds);
         if let Some(err) = reply.error() {
             return Err(err.with_op(Op::Handshake));
         }
         let shm = shm.filter(|_| reply.flags & wire::HELLO_SHM != 0);
+        let reads = reads.filter(|_| reply.flags & wire::HELLO_SHM_READ != 0);
         if reply.size != size {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -385,7 +411,17 @@ impl RemoteReplica {
                 tokio::spawn(read_loop(conn.clone(), rd));
             }
         }
-        Ok(RemoteReplica { addr: addr.to_string(), size, epoch, meta: reply.meta, opts, conn, pipes, shm })
+        Ok(RemoteReplica {
+            addr: addr.to_string(),
+            size,
+            epoch,
+            meta: reply.meta,
+            opts,
+            conn,
+            pipes,
+            shm,
+            reads,
+        })
     }
 
     pub fn addr(&self) -> &str {
@@ -400,6 +436,17 @@ impl RemoteReplica {
     /// references (the replica mapped the pool at the handshake).
     pub fn shares_memory(&self) -> bool {
         self.shm.is_some()
+    }
+
+    /// Whether READs come back through memory shared with the replica.
+    pub fn shares_reads(&self) -> bool {
+        self.reads.is_some()
+    }
+
+    /// Bytes of read memory retired because reads into them ended without
+    /// an answer (see [`crate::shm`]).
+    pub fn retired_read_bytes(&self) -> u64 {
+        self.reads.as_ref().map_or(0, |p| p.leaked_bytes())
     }
 
     /// False once the connection has broken.
@@ -507,6 +554,41 @@ impl RemoteReplica {
             .with_op(op)
             .at(offset)),
         }
+    }
+
+    /// A READ answered through the connection's read memory; `None` where
+    /// there is none for it (too small, not shared, or the pool is full).
+    async fn read_shared(&self, offset: u64, len: usize) -> Option<Result<Bytes>> {
+        if len < MIN_SHM_READ_BYTES {
+            return None;
+        }
+        let pool = self.reads.as_ref()?;
+        let buf = pool.alloc(len)?;
+        let req = Request {
+            flags: wire::FLAG_SHM,
+            data: Bytes::copy_from_slice(&buf.offset().to_be_bytes()),
+            ..Request::simple(Opcode::Read, 0, offset, len as u64)
+        };
+        // The replica writes into the buffer until it answers; without an
+        // answer it is retired (see `crate::shm`).
+        let mut hold = SharedRead { pool, buf: Some(buf) };
+        let result = self.send(req).await;
+        if matches!(&result, Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Disconnected)) {
+            return Some(result.map(|_| Bytes::new()));
+        }
+        let mut buf = hold.buf.take().expect("held until here");
+        Some(result.and_then(|answer| {
+            if !answer.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    format!("replica {} sent data for a shared read", self.addr),
+                )
+                .with_op(Op::Read)
+                .at(offset));
+            }
+            buf.advance(len);
+            Ok(buf.freeze())
+        }))
     }
 
     fn check_read_len(&self, offset: u64, len: usize, got: usize) -> Result<()> {
@@ -711,6 +793,9 @@ impl BlockDevice for RemoteReplica {
     }
 
     async fn read_payload(&self, offset: u64, len: usize) -> Result<Payload> {
+        if let Some(data) = self.read_shared(offset, len).await {
+            return data.map(Payload::Bytes);
+        }
         let sink = if self.pipes && (pipe::MIN_PIPED_BYTES..=pipe::MAX_PIPED_BYTES).contains(&len) {
             Piped::with_capacity(len).map_err(|e| tracing::debug!("no pipe for a read: {e}")).ok()
         } else {
@@ -724,6 +809,9 @@ impl BlockDevice for RemoteReplica {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        if let Some(data) = self.read_shared(offset, len).await {
+            return data;
+        }
         let data = self.call(Opcode::Read, 0, offset, len as u64, Bytes::new()).await?;
         self.check_read_len(offset, len, data.len())?;
         Ok(data)
@@ -921,6 +1009,13 @@ impl Replica for RemoteReplica {
         self.send_within(req, self.opts.request_timeout.max(SLOW_REQUEST_TIMEOUT)).await.map(drop)
     }
 }
+
+/// Memory for one replica connection's READ replies in flight.
+const READ_POOL_BYTES: usize = 32 << 20;
+
+/// READs at least this large come back through shared memory, where the
+/// replica has it.
+const MIN_SHM_READ_BYTES: usize = 4096;
 
 /// Bound on requests that may legitimately take long (snapshot revert).
 const SLOW_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);

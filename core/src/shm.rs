@@ -198,6 +198,12 @@ impl ShmPool {
         (at + data.len() <= self.map.len && !data.is_empty()).then_some(at as u64)
     }
 
+    /// Never reuses `buf`'s memory: a replica may still write into it.
+    pub fn leak_buf(&self, mut buf: ShmBuf) {
+        buf.filled = buf.slot.len;
+        self.leak(buf.freeze());
+    }
+
     /// Never reuses `data`'s memory: a replica may still read it.
     pub fn leak(&self, data: Bytes) {
         if self.locate(&data).is_none() {
@@ -206,7 +212,7 @@ impl ShmPool {
         let total = self.leaked_bytes.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
         tracing::warn!(
             leaked_bytes = total,
-            "a shared WRITE payload ended without the replica's answer; its memory is retired"
+            "a shared payload ended without the replica's answer; its memory is retired"
         );
         self.leaked.lock().unwrap_or_else(PoisonError::into_inner).push(data);
     }
@@ -277,6 +283,11 @@ impl ShmBuf {
         &mut all[self.filled..]
     }
 
+    /// Where the buffer starts in the pool.
+    pub fn offset(&self) -> u64 {
+        (self.slot.first * UNIT) as u64
+    }
+
     /// Marks `n` more bytes received.
     pub fn advance(&mut self, n: usize) {
         self.filled = (self.filled + n).min(self.slot.len);
@@ -292,6 +303,7 @@ impl ShmBuf {
 /// A replica's read-only mapping of a controller's pool.
 pub struct ShmMap {
     map: Mapping,
+    writable: bool,
 }
 
 impl std::fmt::Debug for ShmMap {
@@ -301,9 +313,19 @@ impl std::fmt::Debug for ShmMap {
 }
 
 impl ShmMap {
-    /// Maps a pool received from a controller, after checking that it is
-    /// a memfd sealed against shrinking and growing.
+    /// Maps a pool received from a controller read-only, after checking
+    /// that it is a memfd sealed against shrinking and growing.
     pub fn open(fd: OwnedFd) -> io::Result<Arc<ShmMap>> {
+        ShmMap::open_as(fd, false)
+    }
+
+    /// Like [`ShmMap::open`], read-write: a pool for READ replies that
+    /// only this replica was given.
+    pub fn open_writable(fd: OwnedFd) -> io::Result<Arc<ShmMap>> {
+        ShmMap::open_as(fd, true)
+    }
+
+    fn open_as(fd: OwnedFd, writable: bool) -> io::Result<Arc<ShmMap>> {
         // SAFETY: fcntl query on a descriptor we own.
         let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
         if seals < 0 || seals & SEALS != SEALS {
@@ -317,8 +339,8 @@ impl ShmMap {
         if len == 0 || len > 1 << 34 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "shared payload memory has an odd size"));
         }
-        let map = Mapping::new(fd.as_fd(), len, false)?;
-        Ok(Arc::new(ShmMap { map }))
+        let map = Mapping::new(fd.as_fd(), len, writable)?;
+        Ok(Arc::new(ShmMap { map, writable }))
     }
 
     /// Size of the mapping.
@@ -338,6 +360,27 @@ impl ShmMap {
             return None;
         }
         Some(Bytes::from_owner(MappedSlice { map: self.clone(), offset, len }))
+    }
+}
+
+impl ShmMap {
+    /// Copies `data` to `offset` of a writable mapping; false (and no
+    /// copy) if the range is not inside it or the mapping is read-only.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> bool {
+        let Ok(offset) = usize::try_from(offset) else { return false };
+        if !self.writable
+            || data.is_empty()
+            || offset.checked_add(data.len()).is_none_or(|end| end > self.map.len)
+        {
+            return false;
+        }
+        // SAFETY: the range was checked against the mapping, which is
+        // writable and lives as long as `self`; the controller reads this
+        // buffer only after our answer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.ptr.as_ptr().add(offset), data.len())
+        };
+        true
     }
 }
 

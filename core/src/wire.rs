@@ -58,7 +58,11 @@
 //! With [`FLAG_SHM`] a WRITE's frame carries, instead of its payload, the
 //! payload's offset (8 bytes) in the memory the controller sent with the
 //! Hello over a Unix socket (`SCM_RIGHTS`); the replica sets [`HELLO_SHM`]
-//! in its reply once it has mapped that memory (see [`crate::shm`]).
+//! in its reply once it has mapped that memory (see [`crate::shm`]). A
+//! second descriptor is memory for READ replies of that connection alone:
+//! a READ with [`FLAG_SHM`] carries an offset in it the same way, the
+//! replica writes the data there and answers with no payload
+//! ([`HELLO_SHM_READ`]).
 //! All integers are big-endian. `status` is 0 for success, otherwise an
 //! [`ErrorKind::code`]. A probe reports the replica's identity without
 //! binding it; an attach binds it to the volume name and epoch (a replica
@@ -101,6 +105,8 @@ pub const FLAG_PIPE: u8 = 16;
 /// WRITE: the payload is in the memory the controller shared at the
 /// handshake ([`crate::shm`]); the frame carries only its offset there
 /// ([`crate::shm::REF_LEN`] bytes), `length` is the payload's length.
+/// READ: the replica puts the data at that offset of the connection's
+/// read memory and answers with an empty payload.
 pub const FLAG_SHM: u8 = 32;
 
 /// HelloReply flag: the replica's store was shut down cleanly last time.
@@ -110,6 +116,9 @@ pub const HELLO_BOUND: u32 = 2;
 /// HelloReply flag: the replica mapped the payload memory sent with the
 /// Hello, so WRITEs may carry [`FLAG_SHM`].
 pub const HELLO_SHM: u32 = 4;
+/// HelloReply flag: the replica mapped the read memory sent with the
+/// Hello (the second descriptor), so READs may carry [`FLAG_SHM`].
+pub const HELLO_SHM_READ: u32 = 8;
 
 /// Wire-level decoding failure. Always fatal for the connection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -203,7 +212,7 @@ impl Opcode {
             Opcode::Trim => FLAG_FUA,
             Opcode::WriteZeroes => FLAG_FUA | FLAG_NO_HOLE,
             Opcode::SnapCreate => FLAG_SYSTEM,
-            Opcode::Read => FLAG_PIPE,
+            Opcode::Read => FLAG_PIPE | FLAG_SHM,
             _ => 0,
         }
     }
@@ -480,9 +489,10 @@ fn has_payload(op: Opcode) -> bool {
     )
 }
 
-/// A WRITE whose payload is in shared memory (see [`FLAG_SHM`]).
+/// A WRITE whose payload, or a READ whose reply, is in shared memory
+/// (see [`FLAG_SHM`]).
 fn is_shared(op: Opcode, flags: u8) -> bool {
-    op == Opcode::Write && flags & FLAG_SHM != 0
+    matches!(op, Opcode::Write | Opcode::Read) && flags & FLAG_SHM != 0
 }
 
 /// Encodes a request header; a payload is sent after it separately (so

@@ -152,6 +152,9 @@ pub struct Faults {
     /// WRITEs wait for a permit of this semaphore before they run (and
     /// give it back after): a stand-in for a disk that stalls.
     pub write_gate: Option<Arc<Semaphore>>,
+    /// READs into shared memory wait for a permit of this semaphore the
+    /// same way.
+    pub read_gate: Option<Arc<Semaphore>>,
 }
 
 impl Faults {
@@ -167,7 +170,7 @@ impl Faults {
             }
             eio_read_blocks.push((a, b + 1));
         }
-        Ok(Faults { eio_read_blocks, write_gate: None })
+        Ok(Faults { eio_read_blocks, write_gate: None, read_gate: None })
     }
 
     fn read_fails(&self, offset: u64, len: u64) -> bool {
@@ -262,12 +265,12 @@ impl<B: Backend> ReplicaServer<B> {
                         let mut buf = BytesMut::with_capacity(64 * 1024);
                         // The Hello, and the payload memory that may come with it.
                         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, L::first_read(&stream, &mut buf));
-                        let fd = match first.await {
-                            Ok(Ok(fd)) => fd,
+                        let fds = match first.await {
+                            Ok(Ok(fds)) => fds,
                             Ok(Err(e)) => return tracing::info!(%peer, "controller connection ended: {e}"),
                             Err(_) => return tracing::info!(%peer, "controller sent no hello in time"),
                         };
-                        if let Err(e) = server.handle_connection_with(stream, zc, buf, fd).await {
+                        if let Err(e) = server.handle_connection_with(stream, zc, buf, fds).await {
                             tracing::info!(%peer, "controller connection ended: {e}");
                         }
                     });
@@ -281,18 +284,19 @@ impl<B: Backend> ReplicaServer<B> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.handle_connection_with(stream, None, BytesMut::with_capacity(64 * 1024), None).await
+        self.handle_connection_with(stream, None, BytesMut::with_capacity(64 * 1024), Vec::new()).await
     }
 
     /// Like [`Self::handle_connection`], sending large replies through `zc`
     /// (a zero-copy sender for the same socket); `buf` holds what was read
-    /// already, `shm_fd` the payload memory the controller sent with it.
+    /// already, `shm_fds` the payload memory the controller sent with it
+    /// (for WRITE payloads, then for this connection's READ replies).
     async fn handle_connection_with<S>(
         self: Arc<Self>,
         stream: S,
         zc: Option<ZeroCopy>,
         mut buf: BytesMut,
-        shm_fd: Option<OwnedFd>,
+        shm_fds: Vec<OwnedFd>,
     ) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -315,10 +319,11 @@ impl<B: Backend> ReplicaServer<B> {
         .map_err(|_| Error::new(ErrorKind::TimedOut, "handshake not completed in time"))??;
 
         let (mut reply, attached) = self.answer_hello(&hello).await;
-        let shm = match shm_fd {
-            Some(fd) if attached => match ShmMap::open(fd) {
+        let mut fds = shm_fds.into_iter();
+        let mut map = |open: fn(OwnedFd) -> std::io::Result<Arc<ShmMap>>, flag: u32| match fds.next() {
+            Some(fd) if attached => match open(fd) {
                 Ok(map) => {
-                    reply.flags |= wire::HELLO_SHM;
+                    reply.flags |= flag;
                     Some(map)
                 }
                 Err(e) => {
@@ -327,6 +332,10 @@ impl<B: Backend> ReplicaServer<B> {
                 }
             },
             _ => None,
+        };
+        let shm = SharedMemory {
+            writes: map(ShmMap::open, wire::HELLO_SHM),
+            reads: map(ShmMap::open_writable, wire::HELLO_SHM_READ),
         };
         let mut out = BytesMut::new();
         wire::encode_hello_reply(&reply, &mut out);
@@ -426,7 +435,7 @@ impl<B: Backend> ReplicaServer<B> {
         mut buf: BytesMut,
         epoch: u64,
         zc: Option<ZeroCopy>,
-        shm: Option<Arc<ShmMap>>,
+        shm: SharedMemory,
     ) -> Result<()>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -454,7 +463,7 @@ impl<B: Backend> ReplicaServer<B> {
                 Err(e) => break Err(e.into()),
             };
             if req.opcode == Opcode::Write && req.flags & wire::FLAG_SHM != 0 {
-                match shared_payload(shm.as_ref(), &req) {
+                match shared_payload(shm.writes.as_ref(), &req) {
                     Ok(data) => {
                         req.data = data;
                         req.flags &= !wire::FLAG_SHM;
@@ -485,9 +494,15 @@ impl<B: Backend> ReplicaServer<B> {
             };
             let server = self.clone();
             let tx = tx.clone();
+            let reads = shm.reads.clone();
             let mut run = Box::pin(async move {
                 let tag = req.tag;
-                let answer = if req.opcode == Opcode::Read && req.flags & wire::FLAG_PIPE != 0 {
+                let answer = if req.opcode == Opcode::Read && req.flags & wire::FLAG_SHM != 0 {
+                    Answer::plain(match server.read_shared(&req, reads.as_deref()).await {
+                        Ok(()) => Response::ok(tag, Bytes::new()),
+                        Err(e) => Response::error(tag, &e),
+                    })
+                } else if req.opcode == Opcode::Read && req.flags & wire::FLAG_PIPE != 0 {
                     match server.read_payload(&req).await {
                         Ok(Payload::Piped(pipe)) => {
                             Answer { resp: Response::ok(tag, Bytes::new()), pipe: Some(pipe), copy: false }
@@ -526,6 +541,29 @@ impl<B: Backend> ReplicaServer<B> {
         let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
         let _ = writer.await;
         result
+    }
+
+    /// A READ with [`wire::FLAG_SHM`]: the data goes to the offset its
+    /// frame carries in the connection's read memory.
+    async fn read_shared(&self, req: &Request, reads: Option<&ShmMap>) -> Result<()> {
+        let reads = reads.ok_or_else(|| Error::new(ErrorKind::Protocol, "no read memory was shared"))?;
+        let at = shared_ref(req)?;
+        let len = usize::try_from(req.length).unwrap_or(usize::MAX);
+        if len == 0 || at.checked_add(req.length).is_none_or(|end| end > reads.len() as u64) {
+            return Err(Error::new(ErrorKind::Protocol, "shared reply outside the shared memory"));
+        }
+        check_range(self.backend.size(), req.offset, req.length)?;
+        if self.faults.read_fails(req.offset, req.length) {
+            return Err(Error::new(ErrorKind::Io, "injected read error").at(req.offset));
+        }
+        if let Some(gate) = &self.faults.read_gate {
+            let _permit = gate.acquire().await;
+        }
+        let data = self.backend.read(req.offset, len).await?;
+        if !reads.write_at(at, &data) {
+            return Err(Error::new(ErrorKind::Protocol, "shared reply outside the shared memory"));
+        }
+        Ok(())
     }
 
     /// A READ whose data the controller splices onward: never sent from
@@ -639,15 +677,28 @@ impl<B: Backend> ReplicaServer<B> {
     }
 }
 
+/// Memory a controller shared with this connection (see [`jiva_core::shm`]).
+struct SharedMemory {
+    /// WRITE payloads (read-only here).
+    writes: Option<Arc<ShmMap>>,
+    /// READ replies, this connection's alone (read-write).
+    reads: Option<Arc<ShmMap>>,
+}
+
+/// The offset a request with [`wire::FLAG_SHM`] carries.
+fn shared_ref(req: &Request) -> Result<u64> {
+    let at: [u8; shm::REF_LEN] = req.data[..]
+        .try_into()
+        .map_err(|_| Error::new(ErrorKind::Protocol, "malformed shared memory reference"))?;
+    Ok(u64::from_be_bytes(at))
+}
+
 /// The payload of a WRITE with [`wire::FLAG_SHM`]: the `req.length`
 /// bytes at the offset its frame carries, in the controller's memory.
 fn shared_payload(shm: Option<&Arc<ShmMap>>, req: &Request) -> Result<Bytes> {
     let shm = shm.ok_or_else(|| Error::new(ErrorKind::Protocol, "no payload memory was shared"))?;
-    let at: [u8; shm::REF_LEN] = req.data[..]
-        .try_into()
-        .map_err(|_| Error::new(ErrorKind::Protocol, "malformed shared payload reference"))?;
     let len = usize::try_from(req.length).unwrap_or(usize::MAX);
-    shm.slice(u64::from_be_bytes(at), len)
+    shm.slice(shared_ref(req)?, len)
         .ok_or_else(|| Error::new(ErrorKind::Protocol, "shared payload outside the shared memory"))
 }
 
@@ -665,9 +716,9 @@ trait ControllerListener: Send {
     fn first_read(
         stream: &Self::Stream,
         buf: &mut BytesMut,
-    ) -> impl Future<Output = std::io::Result<Option<OwnedFd>>> + Send {
+    ) -> impl Future<Output = std::io::Result<Vec<OwnedFd>>> + Send {
         let _ = (stream, buf);
-        async { Ok(None) }
+        async { Ok(Vec::new()) }
     }
 }
 
@@ -689,7 +740,7 @@ impl ControllerListener for UnixListener {
         Ok((stream, zc, "unix socket".to_owned()))
     }
 
-    async fn first_read(stream: &Self::Stream, buf: &mut BytesMut) -> std::io::Result<Option<OwnedFd>> {
+    async fn first_read(stream: &Self::Stream, buf: &mut BytesMut) -> std::io::Result<Vec<OwnedFd>> {
         let mut chunk = [0u8; 1024];
         loop {
             stream.readable().await?;
@@ -697,9 +748,9 @@ impl ControllerListener for UnixListener {
                 jiva_core::fdpass::recv(std::os::fd::AsFd::as_fd(stream), &mut chunk)
             });
             match got {
-                Ok((n, fd)) => {
+                Ok((n, fds)) => {
                     buf.extend_from_slice(&chunk[..n]);
-                    return Ok(fd);
+                    return Ok(fds);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),

@@ -1,6 +1,7 @@
-//! WRITE payloads in memory shared with a replica on the same machine
-//! (`jiva_core::shm`): stored straight from the controller's pool, never
-//! reused before the replica answers, and checked at the replica's edge.
+//! WRITE payloads and READ replies in memory shared with a replica on the
+//! same machine (`jiva_core::shm`): stored from / put straight into the
+//! controller's pools, never reused before the replica answers, and
+//! checked at the replica's edge.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -127,7 +128,7 @@ async fn a_shared_payload_without_an_answer_is_never_reused() {
 /// the reply's flags.
 fn raw_hello(
     path: &std::path::Path,
-    fd: Option<std::os::fd::BorrowedFd<'_>>,
+    fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> (std::os::unix::net::UnixStream, u32) {
     let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -140,9 +141,10 @@ fn raw_hello(
     };
     let mut out = BytesMut::new();
     wire::encode_hello(&hello, &mut out).unwrap();
-    match fd {
-        Some(fd) => assert_eq!(jiva_core::fdpass::send(s.as_fd(), &out, fd).unwrap(), out.len()),
-        None => s.write_all(&out).unwrap(),
+    if fds.is_empty() {
+        s.write_all(&out).unwrap();
+    } else {
+        assert_eq!(jiva_core::fdpass::send(s.as_fd(), &out, fds).unwrap(), out.len());
     }
     let mut buf = BytesMut::new();
     loop {
@@ -160,8 +162,20 @@ fn raw_hello(
 /// Sends a WRITE of `length` bytes said to be at `at` in shared memory and
 /// returns the status of its answer.
 fn shared_write(s: &mut std::os::unix::net::UnixStream, tag: u64, at: u64, length: u64) -> u16 {
+    shared_request(s, Opcode::Write, tag, at, length)
+}
+
+/// Sends `opcode` (WRITE or READ) of `length` bytes with its data said to
+/// be at `at` in shared memory; returns the status of its answer.
+fn shared_request(
+    s: &mut std::os::unix::net::UnixStream,
+    opcode: Opcode,
+    tag: u64,
+    at: u64,
+    length: u64,
+) -> u16 {
     let req = Request {
-        opcode: Opcode::Write,
+        opcode,
         flags: wire::FLAG_SHM,
         tag,
         offset: 0,
@@ -201,24 +215,113 @@ async fn bad_shared_memory_and_references_are_refused_at_the_edge() {
         // SAFETY: a fresh descriptor that is ours alone.
         let unsealed = unsafe { OwnedFd::from_raw_fd(raw) };
         std::fs::File::from(unsealed.try_clone().unwrap()).set_len(1 << 20).unwrap();
-        let (mut s, flags) = raw_hello(&path, Some(unsealed.as_fd()));
+        let (mut s, flags) = raw_hello(&path, &[unsealed.as_fd()]);
         assert_eq!(flags & wire::HELLO_SHM, 0);
         assert_eq!(shared_write(&mut s, 1, 0, 65536), protocol, "a reference without shared memory");
 
         // Sealed memory is mapped; references outside it are refused, and
         // the connection goes on.
         let pool = ShmPool::new(1 << 20).unwrap();
-        let (mut s, flags) = raw_hello(&path, Some(pool.fd()));
+        let (mut s, flags) = raw_hello(&path, &[pool.fd()]);
         assert_ne!(flags & wire::HELLO_SHM, 0);
+        assert_eq!(flags & wire::HELLO_SHM_READ, 0);
+        assert_eq!(shared_request(&mut s, Opcode::Read, 10, 0, 4096), protocol, "a read without read memory");
         assert_eq!(shared_write(&mut s, 2, 1 << 20, 4096), protocol, "past the end");
         assert_eq!(shared_write(&mut s, 3, (1 << 20) - 4096, 8192), protocol, "across the end");
         assert_eq!(shared_write(&mut s, 4, u64::MAX - 10, 65536), protocol, "offset overflow");
         assert_eq!(shared_write(&mut s, 5, 0, 0), protocol, "empty");
         assert_eq!(shared_write(&mut s, 6, 0, 1 << 20), 0, "the whole pool");
+
+        // Read memory: replies land inside it or nowhere.
+        let reads = ShmPool::new(1 << 20).unwrap();
+        let (mut s, flags) = raw_hello(&path, &[pool.fd(), reads.fd()]);
+        assert_ne!(flags & wire::HELLO_SHM_READ, 0);
+        assert_eq!(shared_request(&mut s, Opcode::Read, 11, 1 << 20, 4096), protocol, "past the end");
+        assert_eq!(
+            shared_request(&mut s, Opcode::Read, 12, (1 << 20) - 4096, 8192),
+            protocol,
+            "across the end"
+        );
+        assert_eq!(
+            shared_request(&mut s, Opcode::Read, 13, u64::MAX - 10, 4096),
+            protocol,
+            "offset overflow"
+        );
+        assert_eq!(shared_request(&mut s, Opcode::Read, 14, 0, 0), protocol, "empty");
+        assert_eq!(shared_request(&mut s, Opcode::Read, 15, 4096, 8192), 0, "inside");
     })
     .await
     .unwrap();
     let check = RemoteReplica::connect(&r.addr, "vol", SIZE, 2, RemoteOptions::default()).await.unwrap();
     assert!(check.read(0, 1 << 20).await.unwrap().iter().all(|&b| b == 0), "the pool was zeros");
     assert!(check.read(1 << 20, 1 << 20).await.unwrap().iter().all(|&b| b == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_reads_match_plain_reads() {
+    let r = start(Faults::default()).await;
+    let plain = RemoteReplica::connect(&r.addr, "vol", SIZE, 1, RemoteOptions::default()).await.unwrap();
+    assert!(!plain.shares_reads());
+    let data = pattern(7, SIZE as usize);
+    plain.write_at(0, Bytes::from(data), false, 1, None).await.unwrap();
+    plain.trim_at(5 << 20, 1 << 20, false, 1).await.unwrap();
+    drop(plain);
+
+    let pool = ShmPool::new(4 << 20).unwrap();
+    let opts = RemoteOptions::default();
+    let rep =
+        Arc::new(RemoteReplica::connect_shared(&r.addr, "vol", SIZE, 2, opts, Some(pool)).await.unwrap());
+    assert!(rep.shares_reads());
+    let ranges: [(u64, usize); 8] = [
+        (0, 4096),
+        (512, 100_000),
+        ((5 << 20) - 4096, 1 << 20),
+        (1 << 20, 4 << 20),
+        (3 << 20, 1 << 20),
+        ((9 << 20) + 7, 65_536),
+        (SIZE - 4096, 4096),
+        (0, 1000),
+    ];
+    for round in 0..3 {
+        let mut tasks = Vec::new();
+        for &(offset, len) in &ranges {
+            let rep = rep.clone();
+            tasks.push(tokio::spawn(async move {
+                let a = rep.read(offset, len).await.unwrap();
+                let b = rep.read_payload(offset, len).await.unwrap().into_bytes().unwrap();
+                (offset, len, a, b)
+            }));
+        }
+        for t in tasks {
+            let (offset, len, a, b) = t.await.unwrap();
+            let mut want = pattern(7, SIZE as usize)[offset as usize..offset as usize + len].to_vec();
+            let trimmed = (5u64 << 20)..(6 << 20);
+            for (i, byte) in want.iter_mut().enumerate() {
+                if trimmed.contains(&(offset + i as u64)) {
+                    *byte = 0;
+                }
+            }
+            assert!(a[..] == want[..], "round {round}: read of {len} at {offset} differs");
+            assert!(b[..] == want[..], "round {round}: payload read of {len} at {offset} differs");
+        }
+    }
+    // An out-of-range read is refused as before, through shared memory too.
+    assert!(rep.read(SIZE - 4096, 8192).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_read_without_an_answer_retires_its_buffer() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let r = start(Faults { read_gate: Some(gate.clone()), ..Faults::default() }).await;
+    let pool = ShmPool::new(1 << 20).unwrap();
+    let opts = RemoteOptions { request_timeout: Duration::from_millis(300), ..RemoteOptions::default() };
+    let rep = RemoteReplica::connect_shared(&r.addr, "vol", SIZE, 1, opts, Some(pool)).await.unwrap();
+    assert!(rep.shares_reads());
+    // The read stalls past the bound: its buffer may still be written.
+    let e = rep.read(0, 1 << 20).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    assert_eq!(rep.retired_read_bytes(), 1 << 20, "the timed-out read's buffer was not retired");
+    gate.add_permits(64);
+    // The connection's read memory (32 MiB) still serves other reads.
+    assert_eq!(rep.read(1 << 20, 1 << 20).await.unwrap().len(), 1 << 20);
 }
