@@ -15,8 +15,10 @@
 //! it no longer reads the payload). A request that ends without an answer
 //! (time-out, lost connection, dropped future) [`ShmPool::leak`]s its
 //! payload instead: that replica may still be reading it, so the memory is
-//! never reused. Leaks are bounded by the pool; when it is full, payloads
-//! go over the socket as before.
+//! never reused while the pool lives. Leaks are bounded by the pool; when
+//! it is full, payloads go over the socket as before. A replica
+//! connection's read pool goes away with the connection (the replica's
+//! own mapping keeps the pages it may still write to).
 //!
 //! The memfd is sealed against shrinking and growing before it is shared,
 //! and the replica checks the seals, so no mapping of it can ever fault
@@ -94,6 +96,8 @@ impl Drop for Mapping {
 /// the most ever in flight at once rather than growing to the whole pool.
 struct Units {
     used: Vec<bool>,
+    /// Units never to be handed out again (see [`ShmPool::leak`]).
+    retired: Vec<bool>,
 }
 
 impl Units {
@@ -116,7 +120,14 @@ impl Units {
     }
 
     fn give(&mut self, first: usize, n: usize) {
-        self.used[first..first + n].fill(false);
+        for (used, &retired) in self.used[first..first + n].iter_mut().zip(&self.retired[first..first + n]) {
+            *used = retired;
+        }
+    }
+
+    fn retire(&mut self, first: usize, n: usize) {
+        self.retired[first..first + n].fill(true);
+        self.used[first..first + n].fill(true);
     }
 }
 
@@ -125,8 +136,6 @@ pub struct ShmPool {
     fd: OwnedFd,
     map: Mapping,
     units: Mutex<Units>,
-    /// Payloads that ended without an answer: never reused.
-    leaked: Mutex<Vec<Bytes>>,
     leaked_bytes: AtomicU64,
 }
 
@@ -151,14 +160,8 @@ impl ShmPool {
         // SAFETY: fcntl on a descriptor we own.
         cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS | libc::F_SEAL_SEAL) })?;
         let map = Mapping::new(fd.as_fd(), len, true)?;
-        let units = Units { used: vec![false; len / UNIT] };
-        Ok(Arc::new(ShmPool {
-            fd,
-            map,
-            units: Mutex::new(units),
-            leaked: Mutex::new(Vec::new()),
-            leaked_bytes: AtomicU64::new(0),
-        }))
+        let units = Units { used: vec![false; len / UNIT], retired: vec![false; len / UNIT] };
+        Ok(Arc::new(ShmPool { fd, map, units: Mutex::new(units), leaked_bytes: AtomicU64::new(0) }))
     }
 
     /// The memfd, to share with a replica.
@@ -204,17 +207,19 @@ impl ShmPool {
         self.leak(buf.freeze());
     }
 
-    /// Never reuses `data`'s memory: a replica may still read it.
+    /// Never reuses `data`'s memory while this pool lives: a replica may
+    /// still read it. (The units are marked, not held: holding the payload
+    /// would keep the pool alive through its own slot.)
     pub fn leak(&self, data: Bytes) {
-        if self.locate(&data).is_none() {
-            return;
-        }
+        let Some(at) = self.locate(&data) else { return };
+        let first = at as usize / UNIT;
+        let n = (at as usize + data.len()).div_ceil(UNIT) - first;
+        self.units.lock().unwrap_or_else(PoisonError::into_inner).retire(first, n);
         let total = self.leaked_bytes.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
         tracing::warn!(
             leaked_bytes = total,
             "a shared payload ended without the replica's answer; its memory is retired"
         );
-        self.leaked.lock().unwrap_or_else(PoisonError::into_inner).push(data);
     }
 }
 
@@ -406,7 +411,7 @@ mod tests {
 
     #[test]
     fn units_are_handed_out_once_and_come_back() {
-        let mut u = Units { used: vec![false; 8] };
+        let mut u = Units { used: vec![false; 8], retired: vec![false; 8] };
         assert_eq!(u.take(3), Some(0));
         assert_eq!(u.take(3), Some(3));
         assert_eq!(u.take(3), None, "only two units left");
@@ -422,6 +427,11 @@ mod tests {
         assert_eq!(u.take(1), None);
         assert_eq!(u.take(9), None);
         assert_eq!(u.take(0), None);
+        u.retire(6, 2);
+        u.give(6, 2);
+        u.give(0, 3);
+        assert_eq!(u.take(2), Some(0));
+        assert_eq!(u.take(2), None, "retired units stay taken after they are given back");
     }
 
     #[test]
