@@ -152,6 +152,12 @@ impl Drop for SharedHold<'_> {
     }
 }
 
+/// Whether a request ended without the replica's answer (it may still be
+/// working on it).
+fn unanswered<T>(result: &Result<T>) -> bool {
+    matches!(result, Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Disconnected))
+}
+
 /// A shared READ buffer until its replica answers; dropped before that
 /// (time-out, lost connection, dropped future), it is retired.
 struct SharedRead<'a> {
@@ -573,7 +579,7 @@ impl RemoteReplica {
         // answer it is retired (see `crate::shm`).
         let mut hold = SharedRead { pool, buf: Some(buf) };
         let result = self.send(req).await;
-        if matches!(&result, Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Disconnected)) {
+        if unanswered(&result) {
             return Some(result.map(|_| Bytes::new()));
         }
         let mut buf = hold.buf.take().expect("held until here");
@@ -852,42 +858,30 @@ impl Replica for RemoteReplica {
         if crc.is_some() {
             flags |= wire::FLAG_CRC;
         }
-        let length = data.len() as u64;
-        if let Some(pool) = &self.shm
-            && let Some(at) = pool.locate(&data)
-        {
-            // Only the payload's place goes over the socket. Its memory
-            // must stay as it is until the replica has answered; without
-            // an answer it is retired (see `crate::shm`).
-            let hold = SharedHold { pool, data: Some(data) };
-            let req = Request {
-                opcode: Opcode::Write,
-                flags: flags | wire::FLAG_SHM,
-                tag: 0,
-                offset,
-                length,
-                generation,
-                crc: crc.unwrap_or(0),
-                data: Bytes::copy_from_slice(&at.to_be_bytes()),
-            };
-            let result = self.send(req).await;
-            if !matches!(&result, Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Disconnected))
-            {
-                hold.answered();
-            }
-            return result.map(drop);
-        }
-        let req = Request {
+        let mut req = Request {
             opcode: Opcode::Write,
             flags,
             tag: 0,
             offset,
-            length,
+            length: data.len() as u64,
             generation,
             crc: crc.unwrap_or(0),
             data,
         };
-        self.send(req).await.map(drop)
+        let Some((pool, at)) = self.shm.as_ref().and_then(|p| Some((p, p.locate(&req.data)?))) else {
+            return self.send(req).await.map(drop);
+        };
+        // Only the payload's place goes over the socket. Its memory must
+        // stay as it is until the replica has answered; without an answer
+        // it is retired (see `crate::shm`).
+        req.flags |= wire::FLAG_SHM;
+        let data = std::mem::replace(&mut req.data, Bytes::copy_from_slice(&at.to_be_bytes()));
+        let hold = SharedHold { pool, data: Some(data) };
+        let result = self.send(req).await;
+        if !unanswered(&result) {
+            hold.answered();
+        }
+        result.map(drop)
     }
 
     async fn write_piped_at(&self, offset: u64, data: Piped, fua: bool, generation: u64) -> Result<()> {

@@ -1066,7 +1066,13 @@ impl BlockDevice for PipedDevice {
 /// A served [`PipedDevice`] of 8 MiB and a client socket past the handshake.
 async fn piped_session() -> (Arc<NbdServer<PipedDevice>>, Arc<PipedDevice>, tokio::net::TcpStream) {
     let dev = Arc::new(PipedDevice(MemDevice::new(8 << 20), AtomicUsize::new(0)));
-    let server = Arc::new(NbdServer::new(Arc::clone(&dev), NAME));
+    let (server, sock) = tcp_session(Arc::clone(&dev)).await;
+    (server, dev, sock)
+}
+
+/// `dev` served over TCP, and a client socket past the handshake.
+async fn tcp_session<D: BlockDevice>(dev: Arc<D>) -> (Arc<NbdServer<D>>, tokio::net::TcpStream) {
+    let server = Arc::new(NbdServer::new(dev, NAME));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending::<()>()));
@@ -1077,7 +1083,7 @@ async fn piped_session() -> (Arc<NbdServer<PipedDevice>>, Arc<PipedDevice>, toki
     sock.write_all(&NbdOption::ExportName(NAME.into()).encode()).await.unwrap();
     let mut info = [0u8; ExportNameReply::LEN];
     tokio::io::AsyncReadExt::read_exact(&mut sock, &mut info).await.unwrap();
-    (server, dev, sock)
+    (server, sock)
 }
 
 #[tokio::test]
@@ -1130,17 +1136,7 @@ async fn payloads_in_memory_arrive_whole_and_in_order_however_the_socket_splits_
     // the large part of each straight from the socket, around the reader's
     // buffer; small ones (and headers) through it.
     let dev = Arc::new(MemDevice::new(8 << 20));
-    let server = Arc::new(NbdServer::new(Arc::clone(&dev), NAME));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(Arc::clone(&server).serve(listener, std::future::pending::<()>()));
-    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut greeting = [0u8; ServerGreeting::LEN];
-    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut greeting).await.unwrap();
-    sock.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).await.unwrap();
-    sock.write_all(&NbdOption::ExportName(NAME.into()).encode()).await.unwrap();
-    let mut info = [0u8; ExportNameReply::LEN];
-    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut info).await.unwrap();
+    let (_server, mut sock) = tcp_session(Arc::clone(&dev)).await;
 
     // Sizes around the direct-read threshold and the reader's 64 KiB
     // buffer, pipelined, each header right behind the previous payload.
