@@ -372,20 +372,24 @@ impl ShmMap {
     /// Copies `data` to `offset` of a writable mapping; false (and no
     /// copy) if the range is not inside it or the mapping is read-only.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> bool {
-        let Ok(offset) = usize::try_from(offset) else { return false };
-        if !self.writable
-            || data.is_empty()
-            || offset.checked_add(data.len()).is_none_or(|end| end > self.map.len)
-        {
-            return false;
-        }
-        // SAFETY: the range was checked against the mapping, which is
-        // writable and lives as long as `self`; the controller reads this
-        // buffer only after our answer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.ptr.as_ptr().add(offset), data.len())
-        };
+        let Some(dst) = self.region_mut(offset, data.len()) else { return false };
+        // SAFETY: the range is inside the mapping, which is writable and
+        // lives as long as `self`; the controller reads this buffer only
+        // after our answer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_ptr(), data.len()) };
         true
+    }
+
+    /// The address of `offset..offset + len` of a writable mapping, if the
+    /// range is non-empty and inside it. Writing through it is the
+    /// caller's business: the pointer is valid while `self` lives.
+    pub fn region_mut(&self, offset: u64, len: usize) -> Option<NonNull<u8>> {
+        let offset = usize::try_from(offset).ok()?;
+        if !self.writable || len == 0 || offset.checked_add(len).is_none_or(|end| end > self.map.len) {
+            return None;
+        }
+        // SAFETY: `offset` is inside the mapping (checked above).
+        NonNull::new(unsafe { self.map.ptr.as_ptr().add(offset) })
     }
 }
 

@@ -27,8 +27,8 @@
 
 use std::future::Future;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -68,6 +68,15 @@ pub trait Backend: BlockDevice {
     /// and other volumes (InvalidArgument).
     fn attach(&self, volume: &str, epoch: u64) -> impl Future<Output = Result<()>> + Send;
     fn meta(&self) -> ReplicaMeta;
+    /// Reads `dest.len()` bytes at `offset` into `dest` (memory a
+    /// controller shares with us; see [`jiva_core::shm`]).
+    fn read_into(&self, offset: u64, mut dest: AlignedBuf) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            let data = self.read(offset, dest.len()).await?;
+            dest.copy_from_slice(&data);
+            Ok(())
+        }
+    }
     fn set_membership(&self, m: Membership) -> impl Future<Output = Result<()>> + Send;
     fn set_rebuild(&self, mark: Option<RebuildMark>) -> impl Future<Output = Result<()>> + Send;
     fn stamps(&self, first: u64, count: u64) -> Result<Vec<u64>>;
@@ -335,7 +344,7 @@ impl<B: Backend> ReplicaServer<B> {
         };
         let shm = SharedMemory {
             writes: map(ShmMap::open, wire::HELLO_SHM),
-            reads: map(ShmMap::open_writable, wire::HELLO_SHM_READ),
+            reads: map(ShmMap::open_writable, wire::HELLO_SHM_READ).map(ReplyMemory::new),
         };
         let mut out = BytesMut::new();
         wire::encode_hello_reply(&reply, &mut out);
@@ -498,7 +507,7 @@ impl<B: Backend> ReplicaServer<B> {
             let mut run = Box::pin(async move {
                 let tag = req.tag;
                 let answer = if req.opcode == Opcode::Read && req.flags & wire::FLAG_SHM != 0 {
-                    Answer::plain(match server.read_shared(&req, reads.as_deref()).await {
+                    Answer::plain(match server.read_shared(&req, reads.as_ref()).await {
                         Ok(()) => Response::ok(tag, Bytes::new()),
                         Err(e) => Response::error(tag, &e),
                     })
@@ -545,13 +554,11 @@ impl<B: Backend> ReplicaServer<B> {
 
     /// A READ with [`wire::FLAG_SHM`]: the data goes to the offset its
     /// frame carries in the connection's read memory.
-    async fn read_shared(&self, req: &Request, reads: Option<&ShmMap>) -> Result<()> {
+    async fn read_shared(&self, req: &Request, reads: Option<&Arc<ReplyMemory>>) -> Result<()> {
         let reads = reads.ok_or_else(|| Error::new(ErrorKind::Protocol, "no read memory was shared"))?;
         let at = shared_ref(req)?;
         let len = usize::try_from(req.length).unwrap_or(usize::MAX);
-        if len == 0 || at.checked_add(req.length).is_none_or(|end| end > reads.len() as u64) {
-            return Err(Error::new(ErrorKind::Protocol, "shared reply outside the shared memory"));
-        }
+        let dest = reads.lend(at, len)?;
         check_range(self.backend.size(), req.offset, req.length)?;
         if self.faults.read_fails(req.offset, req.length) {
             return Err(Error::new(ErrorKind::Io, "injected read error").at(req.offset));
@@ -559,11 +566,7 @@ impl<B: Backend> ReplicaServer<B> {
         if let Some(gate) = &self.faults.read_gate {
             let _permit = gate.acquire().await;
         }
-        let data = self.backend.read(req.offset, len).await?;
-        if !reads.write_at(at, &data) {
-            return Err(Error::new(ErrorKind::Protocol, "shared reply outside the shared memory"));
-        }
-        Ok(())
+        self.backend.read_into(req.offset, dest).await
     }
 
     /// A READ whose data the controller splices onward: never sent from
@@ -682,7 +685,60 @@ struct SharedMemory {
     /// WRITE payloads (read-only here).
     writes: Option<Arc<ShmMap>>,
     /// READ replies, this connection's alone (read-write).
-    reads: Option<Arc<ShmMap>>,
+    reads: Option<Arc<ReplyMemory>>,
+}
+
+/// A connection's read-reply memory, lent out one region per READ while
+/// the read fills it.
+struct ReplyMemory {
+    map: Arc<ShmMap>,
+    /// Regions lent out, as `start..end` offsets. Few at a time (one per
+    /// READ in flight), so a list will do.
+    lent: Mutex<Vec<(u64, u64)>>,
+}
+
+impl ReplyMemory {
+    fn new(map: Arc<ShmMap>) -> Arc<ReplyMemory> {
+        Arc::new(ReplyMemory { map, lent: Mutex::new(Vec::new()) })
+    }
+
+    /// `len` bytes at `at` as a buffer a read can fill. A region outside
+    /// the memory, or overlapping one still lent (two READs the
+    /// controller pointed at the same bytes), is a protocol error: each
+    /// buffer must be the only way to its bytes.
+    fn lend(self: &Arc<Self>, at: u64, len: usize) -> Result<AlignedBuf> {
+        let outside = || Error::new(ErrorKind::Protocol, "shared reply outside the shared memory");
+        let ptr = self.map.region_mut(at, len).ok_or_else(outside)?;
+        let end = at + len as u64;
+        let mut lent = self.lent.lock().unwrap_or_else(PoisonError::into_inner);
+        if lent.iter().any(|&(a, b)| a < end && at < b) {
+            return Err(Error::new(ErrorKind::Protocol, "two READs share reply memory"));
+        }
+        lent.push((at, end));
+        drop(lent);
+        let lease = Lease { memory: self.clone(), at };
+        // SAFETY: the region is inside the mapping, which is writable and
+        // initialised (a memfd's pages read as zeros until written), and
+        // the lease keeps the mapping alive and the region out of every
+        // other loan until the buffer is dropped. The controller does not
+        // touch it until we answer, which is after the buffer is gone.
+        Ok(unsafe { AlignedBuf::lent(ptr, len, Box::new(lease)) })
+    }
+}
+
+/// A region of a [`ReplyMemory`] on loan; returns it when dropped.
+struct Lease {
+    memory: Arc<ReplyMemory>,
+    at: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut lent = self.memory.lent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = lent.iter().position(|&(a, _)| a == self.at) {
+            lent.swap_remove(i);
+        }
+    }
 }
 
 /// The offset a request with [`wire::FLAG_SHM`] carries.
@@ -850,6 +906,10 @@ impl Backend for crate::Store {
 
     fn meta(&self) -> ReplicaMeta {
         crate::Store::meta(self)
+    }
+
+    async fn read_into(&self, offset: u64, dest: AlignedBuf) -> Result<()> {
+        crate::Store::read_into(self, offset, dest).await.map(drop)
     }
 
     fn set_membership(&self, m: Membership) -> impl Future<Output = Result<()>> + Send {

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use bytes::Bytes;
+use jiva_core::device::check_range;
 use jiva_core::pipe::{self, Filled, Payload, Piped};
 use jiva_core::range_lock::RangeLock;
 use jiva_core::wire::{Membership, RebuildMark, ReplicaMeta};
@@ -32,7 +33,7 @@ use jiva_core::{
 };
 
 use crate::engine::aligned::{AlignedBuf, aligned_bytes};
-use crate::engine::{Batch, Completion, Engine, EngineKind, Outcome, Request, cache};
+use crate::engine::{Action, Batch, Completion, Engine, EngineKind, Outcome, Request, cache};
 use crate::format::{self, BlockRecord, Manifest, RECORD_SIZE, SnapshotMeta};
 use crate::index::BlockIndex;
 use crate::intent::{self, Intent};
@@ -632,6 +633,14 @@ impl Store {
             .map_err(|e| e.with_op(Op::Snapshot))
     }
 
+    /// Reads `dest.len()` bytes at `offset` into `dest` and gives it back;
+    /// block-aligned reads land there straight from the files (no copy of
+    /// ours). Whatever `dest` held before is overwritten.
+    pub async fn read_into(&self, offset: u64, dest: AlignedBuf) -> Result<AlignedBuf> {
+        check_range(self.inner.size, offset, dest.len() as u64).map_err(|e| e.with_op(Op::Read))?;
+        self.inner.read_into(offset, dest).await.map_err(|e| e.with_op(Op::Read))
+    }
+
     /// Reads `len` bytes at `offset` of snapshot `name`.
     pub async fn read_snapshot(&self, name: &str, offset: u64, len: usize) -> Result<Bytes> {
         if len == 0 {
@@ -640,7 +649,8 @@ impl Store {
         let (first, count) = block_span(offset, len as u64);
         let _range = self.inner.lock.lock(first, first + count, false).await;
         let layers = self.inner.view_of(name).map_err(|e| e.with_op(Op::Read))?;
-        let buf = self.inner.read_view(&layers, first, count, None).await.map_err(|e| e.with_op(Op::Read))?;
+        let buf =
+            self.inner.read_view(&layers, first, count, None, None).await.map_err(|e| e.with_op(Op::Read))?;
         let skip = (offset - first * BS) as usize;
         Ok(Bytes::from(buf).slice(skip..skip + len))
     }
@@ -784,7 +794,7 @@ impl Inner {
     /// Verified contents of `count` blocks from `first` as the head sees
     /// them. Callers hold the range lock.
     async fn read_blocks(&self, first: u64, count: u64) -> Result<AlignedBuf> {
-        self.read_view(&self.chain(), first, count, None).await
+        self.read_view(&self.chain(), first, count, None, None).await
     }
 
     /// A block-aligned read of at least [`pipe::MIN_PIPED_BYTES`] as a
@@ -802,7 +812,7 @@ impl Inner {
         let _range = self.lock.lock(first, first + count, false).await;
         let chain = self.chain();
         let mut sources = vec![Source::Copy; count as usize];
-        let buf = self.read_view(&chain, first, count, Some(&mut sources)).await?;
+        let buf = self.read_view(&chain, first, count, Some(&mut sources), None).await?;
         match fill_pipe(&chain, first, &buf, &sources) {
             Ok(Some(pipe)) => Ok(Payload::Piped(pipe)),
             Ok(None) => Ok(Payload::Bytes(Bytes::from(buf))),
@@ -820,13 +830,17 @@ impl Inner {
     ///
     /// With `sources` (one per block, all [`Source::Copy`] on entry), notes
     /// the blocks whose verified data came through a layer's page cache.
+    /// With `dest` (exactly `count` blocks), the blocks are read into it
+    /// and it is returned, unless the read fails.
     async fn read_view(
         &self,
         layers: &[Arc<Layer>],
         first: u64,
         count: u64,
         mut sources: Option<&mut [Source]>,
+        mut dest: Option<AlignedBuf>,
     ) -> Result<AlignedBuf> {
+        debug_assert!(dest.as_ref().is_none_or(|d| d.len() as u64 == count * BS));
         let mut out: Option<AlignedBuf> = None;
         // Piped replies go out as page-cache pages, so they read through
         // the cache even where it is cold (and warm it for the next read).
@@ -847,6 +861,9 @@ impl Inner {
             if runs.is_empty() {
                 break;
             }
+            // One layer has every block: read them straight into `dest`.
+            let whole = out.is_none() && runs.len() == 1 && runs[0].2 == count;
+            let mut into = if whole { dest.take() } else { None };
             // Whether each run is read through the page cache.
             let mut cached = Vec::with_capacity(runs.len());
             let batch = runs
@@ -856,14 +873,19 @@ impl Inner {
                     let file =
                         if piped { &l.data } else { l.data_for_read((first + i) * BS, (n * BS) as usize) };
                     cached.push(!l.direct && Arc::ptr_eq(file, &l.data));
-                    [
-                        Request::read(file, (first + i) * BS, (n * BS) as usize),
-                        Request::read(&l.records, (first + i) * REC, (n * REC) as usize),
-                    ]
+                    let data = match into.take() {
+                        Some(buf) => Request {
+                            file: file.clone(),
+                            offset: (first + i) * BS,
+                            action: Action::Read(buf),
+                        },
+                        None => Request::read(file, (first + i) * BS, (n * BS) as usize),
+                    };
+                    [data, Request::read(&l.records, (first + i) * REC, (n * REC) as usize)]
                 })
                 .collect();
             let mut bufs = self.run(batch, (first + runs[0].1) * BS).await?;
-            if out.is_none() && runs.len() == 1 && runs[0].2 == count {
+            if whole {
                 // The common case: one layer has every block; keep its buffer.
                 let records = bufs.pop().unwrap_or_default();
                 let mut data = bufs.pop().unwrap_or_default();
@@ -886,7 +908,13 @@ impl Inner {
                 out = Some(data);
                 continue;
             }
-            let buf = out.get_or_insert_with(|| AlignedBuf::zeroed((count * BS) as usize));
+            let buf = out.get_or_insert_with(|| match dest.take() {
+                Some(mut d) => {
+                    d.fill(0);
+                    d
+                }
+                None => AlignedBuf::zeroed((count * BS) as usize),
+            });
             for ((&(pos, i0, n), pair), &cached) in runs.iter().zip(bufs.chunks(2)).zip(&cached) {
                 for k in 0..n {
                     let i = i0 + k;
@@ -908,7 +936,27 @@ impl Inner {
                 }
             }
         }
-        Ok(out.unwrap_or_else(|| AlignedBuf::zeroed((count * BS) as usize)))
+        Ok(out.unwrap_or_else(|| match dest {
+            Some(mut d) => {
+                d.fill(0);
+                d
+            }
+            None => AlignedBuf::zeroed((count * BS) as usize),
+        }))
+    }
+
+    /// Reads `dest.len()` bytes at `offset` into `dest` (block-aligned:
+    /// straight from the files; otherwise through a buffer of our own).
+    async fn read_into(&self, offset: u64, mut dest: AlignedBuf) -> Result<AlignedBuf> {
+        let len = dest.len();
+        if !offset.is_multiple_of(BS) || !len.is_multiple_of(BSZ) || len == 0 {
+            let data = self.read(offset, len).await?;
+            dest.copy_from_slice(&data);
+            return Ok(dest);
+        }
+        let (first, count) = block_span(offset, len as u64);
+        let _range = self.lock.lock(first, first + count, false).await;
+        self.read_view(&self.chain(), first, count, None, Some(dest)).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
@@ -1725,7 +1773,7 @@ impl Inner {
             let mut a = run.start;
             while a < run.end {
                 let b = (a + STEP_BLOCKS).min(run.end);
-                let data = self.read_view(view, a, b - a, None).await?;
+                let data = self.read_view(view, a, b - a, None, None).await?;
                 let mut records = vec![0u8; ((b - a) * REC) as usize];
                 for i in 0..b - a {
                     let block = &data[blocks(i, 1)];

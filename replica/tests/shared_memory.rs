@@ -174,6 +174,15 @@ fn shared_request(
     at: u64,
     length: u64,
 ) -> u16 {
+    send_shared(s, opcode, tag, at, length);
+    let (answered, status) = next_answer(s, &mut BytesMut::new());
+    assert_eq!(answered, tag);
+    status
+}
+
+/// Sends `opcode` of `length` bytes at `at` in shared memory, without
+/// waiting for the answer.
+fn send_shared(s: &mut std::os::unix::net::UnixStream, opcode: Opcode, tag: u64, at: u64, length: u64) {
     let req = Request {
         opcode,
         flags: wire::FLAG_SHM,
@@ -188,11 +197,14 @@ fn shared_request(
     wire::encode_request_header(&req, &mut out);
     out.put_slice(&req.data);
     s.write_all(&out).unwrap();
-    let mut buf = BytesMut::new();
+}
+
+/// The next answer on `s`: its tag and status. `buf` keeps what arrived
+/// after it.
+fn next_answer(s: &mut std::os::unix::net::UnixStream, buf: &mut BytesMut) -> (u64, u16) {
     loop {
-        if let Some(resp) = wire::decode_response(&mut buf).unwrap() {
-            assert_eq!(resp.tag, tag);
-            return resp.status;
+        if let Some(resp) = wire::decode_response(buf).unwrap() {
+            return (resp.tag, resp.status);
         }
         let mut chunk = [0u8; 4096];
         let n = s.read(&mut chunk).unwrap();
@@ -324,4 +336,37 @@ async fn a_shared_read_without_an_answer_retires_its_buffer() {
     gate.add_permits(64);
     // The connection's read memory (32 MiB) still serves other reads.
     assert_eq!(rep.read(1 << 20, 1 << 20).await.unwrap().len(), 1 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_in_flight_never_share_reply_memory() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let r = start(Faults { read_gate: Some(gate.clone()), ..Faults::default() }).await;
+    let path = r.path.clone();
+    let protocol = ErrorKind::Protocol.code();
+    tokio::task::spawn_blocking(move || {
+        let pool = ShmPool::new(1 << 20).unwrap();
+        let reads = ShmPool::new(1 << 20).unwrap();
+        let (mut s, flags) = raw_hello(&path, &[pool.fd(), reads.fd()]);
+        assert_ne!(flags & wire::HELLO_SHM_READ, 0);
+        let mut buf = BytesMut::new();
+        // Held at the gate while it owns 0..64 KiB of the reply memory.
+        send_shared(&mut s, Opcode::Read, 1, 0, 65536);
+        // Overlapping it, at either end: refused at once.
+        send_shared(&mut s, Opcode::Read, 2, 32768, 65536);
+        assert_eq!(next_answer(&mut s, &mut buf), (2, protocol));
+        send_shared(&mut s, Opcode::Read, 3, 0, 4096);
+        assert_eq!(next_answer(&mut s, &mut buf), (3, protocol));
+        // Beside it: accepted (and held at the gate too).
+        send_shared(&mut s, Opcode::Read, 4, 65536, 65536);
+        gate.add_permits(2);
+        let mut done = [next_answer(&mut s, &mut buf), next_answer(&mut s, &mut buf)];
+        done.sort_unstable();
+        assert_eq!(done, [(1, 0), (4, 0)]);
+        // Answered, the memory is free for the next READ.
+        gate.add_permits(1);
+        assert_eq!(shared_request(&mut s, Opcode::Read, 5, 32768, 65536), 0);
+    })
+    .await
+    .unwrap();
 }

@@ -1,11 +1,16 @@
 //! Heap buffers aligned for O_DIRECT, usable as zero-copy [`Bytes`].
 //!
+//! A buffer can also lend memory it does not own (see
+//! [`AlignedBuf::lent`]), so that a read lands straight in memory another
+//! process shares with us.
+//!
 //! Large buffers (rebuild chunks, big reads and writes) are recycled
 //! through a small pool: a fresh multi-megabyte allocation is an mmap whose
 //! every page faults in and is cleared, then unmapped on free, which cost
 //! more CPU than the I/O it carried.
 
 use std::alloc::{Layout, alloc, alloc_zeroed, dealloc};
+use std::any::Any;
 use std::ptr::NonNull;
 use std::sync::{Mutex, PoisonError};
 
@@ -58,6 +63,8 @@ pub struct AlignedBuf {
     len: usize,
     /// Size of the allocation (>= len; a power of two when pooled).
     cap: usize,
+    /// For lent memory: what keeps it valid and ours alone until dropped.
+    lender: Option<Box<dyn Any + Send + Sync>>,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
@@ -91,7 +98,7 @@ impl AlignedBuf {
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
-        AlignedBuf { ptr, len, cap }
+        AlignedBuf { ptr, len, cap, lender: None }
     }
 
     /// An aligned copy of `data`.
@@ -114,7 +121,24 @@ impl AlignedBuf {
             std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), len);
             ptr.as_ptr().add(len).write_bytes(0, cap - len);
         }
-        AlignedBuf { ptr, len, cap }
+        AlignedBuf { ptr, len, cap, lender: None }
+    }
+
+    /// `len` bytes at `ptr` that `lender` keeps valid, initialised and
+    /// reachable through this buffer alone for as long as it lives (it is
+    /// dropped with the buffer); nothing is freed or pooled on drop.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` initialised bytes
+    /// until `lender` is dropped, and no other reference may reach them
+    /// meanwhile.
+    pub unsafe fn lent(ptr: NonNull<u8>, len: usize, lender: Box<dyn Any + Send + Sync>) -> AlignedBuf {
+        AlignedBuf { ptr, len, cap: len, lender: Some(lender) }
+    }
+
+    /// Whether this buffer's memory is lent (see [`AlignedBuf::lent`]).
+    pub fn is_lent(&self) -> bool {
+        self.lender.is_some()
     }
 
     /// A pooled allocation for `len` bytes, holding initialised (stale)
@@ -124,7 +148,7 @@ impl AlignedBuf {
         let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
         let Pooled(ptr) = pool.free[class].pop()?;
         pool.bytes -= cap;
-        Some(AlignedBuf { ptr, len, cap })
+        Some(AlignedBuf { ptr, len, cap, lender: None })
     }
 }
 
@@ -167,20 +191,25 @@ impl From<AlignedBuf> for Bytes {
 
 impl AsRef<[u8]> for AlignedBuf {
     fn as_ref(&self) -> &[u8] {
-        // SAFETY: ptr points to `len` initialised bytes that we own.
+        // SAFETY: ptr points to `len` initialised bytes that we own (or
+        // that our lender keeps for us alone).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl AsMut<[u8]> for AlignedBuf {
     fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr points to `len` initialised bytes that we own exclusively.
+        // SAFETY: ptr points to `len` initialised bytes that we own (or
+        // that our lender keeps for us alone) exclusively.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.lender.take().is_some() {
+            return;
+        }
         if let Some((class, cap)) = class_of(self.cap)
             && cap == self.cap
         {
