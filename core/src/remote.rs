@@ -846,6 +846,10 @@ impl BlockDevice for RemoteReplica {
 }
 
 impl Replica for RemoteReplica {
+    fn shares_payload_memory(&self) -> bool {
+        self.shares_memory()
+    }
+
     async fn write_at(
         &self,
         offset: u64,

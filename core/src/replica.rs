@@ -71,6 +71,11 @@ pub trait Replica: BlockDevice {
     fn is_connected(&self) -> bool {
         true
     }
+    /// Whether this link takes WRITE payloads straight from the memory of
+    /// [`Connector::payload_buffer`] (else they are copied to it).
+    fn shares_payload_memory(&self) -> bool {
+        false
+    }
     /// Freezes the head as snapshot `name`, created at `created_ms`
     /// (milliseconds since the Unix epoch; 0 = the replica's clock). A
     /// replica without snapshots says Unsupported; so do the other

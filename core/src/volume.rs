@@ -1794,7 +1794,16 @@ impl<C: Connector> BlockDevice for Volume<C> {
     }
 
     fn payload_buffer(&self, len: usize) -> Option<crate::shm::ShmBuf> {
-        self.connector.payload_buffer(len)
+        // Only while some replica that takes writes maps the memory: the
+        // others get a copy of the payload on their socket, which costs
+        // more than the pipes a payload outside it can go through.
+        let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
+        let shared = members.iter().any(|m| {
+            matches!(m.state(), ReplicaState::Healthy | ReplicaState::Rebuilding)
+                && m.link().is_some_and(|l| l.shares_payload_memory())
+        });
+        drop(members);
+        if shared { self.connector.payload_buffer(len) } else { None }
     }
 
     async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<()> {

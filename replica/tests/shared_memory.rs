@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use jiva_core::remote::{self, RemoteOptions, RemoteReplica};
+use jiva_core::remote::{self, RemoteConnector, RemoteOptions, RemoteReplica};
 use jiva_core::replica::Replica;
 use jiva_core::shm::{ShmBuf, ShmPool};
+use jiva_core::volume::{Volume, VolumeOptions};
 use jiva_core::wire::{self, Opcode, Request};
 use jiva_core::{BlockDevice, ErrorKind};
 use jiva_replica::server::{Faults, ReplicaServer};
@@ -38,6 +39,20 @@ async fn start(faults: Faults) -> Running {
     }));
     let addr = format!("{}{}", remote::UNIX_PREFIX, path.display());
     Running { addr, path, _dir: dir, _stop: tx }
+}
+
+/// A replica served over TCP on loopback (nothing can be shared with it).
+async fn start_tcp() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), SIZE, StoreOptions::default()).await.unwrap();
+    let server = Arc::new(ReplicaServer::new(Arc::new(store)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    Running { addr, path: dir.path().join("none"), _dir: dir, _stop: tx }
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -369,4 +384,28 @@ async fn reads_in_flight_never_share_reply_memory() {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_volume_offers_payload_memory_only_while_a_replica_maps_it() {
+    let (local, tcp) = (start(Faults::default()).await, start_tcp().await);
+    let open = |addrs: Vec<String>, epoch: u64| async move {
+        let connector = RemoteConnector {
+            volume: "vol".into(),
+            size: SIZE,
+            opts: RemoteOptions::default(),
+            shm: Some(ShmPool::new(8 << 20).unwrap()),
+        };
+        Volume::open("vol", SIZE, epoch, connector, &addrs, VolumeOptions::default()).await.unwrap()
+    };
+    // Over TCP the payload would be copied into the socket: no buffer.
+    let vol = open(vec![tcp.addr.clone()], 1).await;
+    assert!(vol.payload_buffer(65536).is_none(), "offered to a replica that cannot map it");
+    vol.write(0, Bytes::from(pattern(1, 65536)), false).await.unwrap();
+    vol.shutdown().await.unwrap();
+    // A local replica maps it, beside one over TCP too.
+    let vol = open(vec![tcp.addr.clone(), local.addr.clone()], 2).await;
+    let buf = vol.payload_buffer(65536).expect("offered to a replica that maps it");
+    drop(buf);
+    vol.shutdown().await.unwrap();
 }
