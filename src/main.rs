@@ -87,15 +87,20 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
-/// Keeps I/O-sized buffers (up to a few MiB, allocated and freed per
-/// request) on the heap and the heap from being trimmed after every burst:
+/// Rust's allocations go to mimalloc (see the feature in Cargo.toml).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Without mimalloc, keeps I/O-sized buffers (up to a few MiB, allocated
+/// and freed per request) on glibc's heap and the heap from being trimmed after every burst:
 /// glibc's defaults (a threshold that adapts to about the largest freed
 /// buffer, and trimming at twice that) made a 1 MiB workload shrink and
 /// regrow the heap hundreds of times a second, every regrowth a round of
 /// page faults and page clearing. At most `TRIM` bytes of free heap stay
 /// mapped.
 fn tune_malloc() {
-    #[cfg(target_env = "gnu")]
+    #[cfg(all(target_env = "gnu", not(feature = "mimalloc")))]
     {
         const MMAP_THRESHOLD: libc::c_int = 8 << 20;
         const TRIM: libc::c_int = 128 << 20;
