@@ -28,8 +28,12 @@ struct Running {
 }
 
 async fn start(faults: Faults) -> Running {
+    start_with(faults, StoreOptions::default()).await
+}
+
+async fn start_with(faults: Faults, opts: StoreOptions) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), SIZE, StoreOptions::default()).await.unwrap();
+    let store = Store::open(dir.path(), SIZE, opts).await.unwrap();
     let server = Arc::new(ReplicaServer::new(Arc::new(store)).with_faults(faults));
     let path = dir.path().join("replica.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
@@ -286,7 +290,18 @@ async fn bad_shared_memory_and_references_are_refused_at_the_edge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_reads_match_plain_reads() {
-    let r = start(Faults::default()).await;
+    shared_reads_match_plain_reads_of(StoreOptions::default()).await;
+}
+
+/// With O_DIRECT, the kernel reads from the device straight into the
+/// controller's reply memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_reads_match_plain_reads_with_direct_io() {
+    shared_reads_match_plain_reads_of(StoreOptions { direct_io: true, ..StoreOptions::default() }).await;
+}
+
+async fn shared_reads_match_plain_reads_of(opts: StoreOptions) {
+    let r = start_with(Faults::default(), opts).await;
     let plain = RemoteReplica::connect(&r.addr, "vol", SIZE, 1, RemoteOptions::default()).await.unwrap();
     assert!(!plain.shares_reads());
     let data = pattern(7, SIZE as usize);
