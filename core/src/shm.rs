@@ -30,6 +30,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -309,6 +310,9 @@ impl ShmBuf {
 pub struct ShmMap {
     map: Mapping,
     writable: bool,
+    /// The memory's file (device, inode): the same for every descriptor
+    /// and mapping of it.
+    file: (u64, u64),
 }
 
 impl std::fmt::Debug for ShmMap {
@@ -339,13 +343,20 @@ impl ShmMap {
                 "shared payload memory is not sealed against resizing",
             ));
         }
-        let len = File::from(fd.try_clone()?).metadata()?.len();
+        let meta = File::from(fd.try_clone()?).metadata()?;
+        let (len, file) = (meta.len(), (meta.dev(), meta.ino()));
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         if len == 0 || len > 1 << 34 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "shared payload memory has an odd size"));
         }
         let map = Mapping::new(fd.as_fd(), len, writable)?;
-        Ok(Arc::new(ShmMap { map, writable }))
+        Ok(Arc::new(ShmMap { map, writable, file }))
+    }
+
+    /// Which memory this maps (device and inode of its file): two maps
+    /// with the same identity reach the same bytes.
+    pub fn identity(&self) -> (u64, u64) {
+        self.file
     }
 
     /// Size of the mapping.

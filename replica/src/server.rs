@@ -329,23 +329,25 @@ impl<B: Backend> ReplicaServer<B> {
 
         let (mut reply, attached) = self.answer_hello(&hello).await;
         let mut fds = shm_fds.into_iter();
-        let mut map = |open: fn(OwnedFd) -> std::io::Result<Arc<ShmMap>>, flag: u32| match fds.next() {
-            Some(fd) if attached => match open(fd) {
-                Ok(map) => {
-                    reply.flags |= flag;
-                    Some(map)
-                }
-                Err(e) => {
-                    tracing::warn!("not using the controller's payload memory: {e}");
-                    None
-                }
-            },
+        let mut open = |open: fn(OwnedFd) -> std::io::Result<Arc<ShmMap>>| match fds.next() {
+            Some(fd) if attached => {
+                open(fd).map_err(|e| tracing::warn!("not using the controller's shared memory: {e}")).ok()
+            }
             _ => None,
         };
-        let shm = SharedMemory {
-            writes: map(ShmMap::open, wire::HELLO_SHM),
-            reads: map(ShmMap::open_writable, wire::HELLO_SHM_READ).map(ReplyMemory::new),
-        };
+        let writes = open(ShmMap::open);
+        let reads = open(ShmMap::open_writable).and_then(|map| {
+            ReplyMemory::new(map, writes.as_deref())
+                .map_err(|e| tracing::warn!("not using the controller's read memory: {e}"))
+                .ok()
+        });
+        if writes.is_some() {
+            reply.flags |= wire::HELLO_SHM;
+        }
+        if reads.is_some() {
+            reply.flags |= wire::HELLO_SHM_READ;
+        }
+        let shm = SharedMemory { writes, reads };
         let mut out = BytesMut::new();
         wire::encode_hello_reply(&reply, &mut out);
         wr.write_all(&out).await?;
@@ -697,9 +699,24 @@ struct ReplyMemory {
     lent: Mutex<Vec<(u64, u64)>>,
 }
 
+/// The read memories (by [`ShmMap::identity`]) some connection reads into.
+static READ_MEMORIES: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+
 impl ReplyMemory {
-    fn new(map: Arc<ShmMap>) -> Arc<ReplyMemory> {
-        Arc::new(ReplyMemory { map, lent: Mutex::new(Vec::new()) })
+    /// `map` as a connection's read memory, unless it is also `writes` or
+    /// another connection's read memory: a buffer lent from it would then
+    /// not be the only way to its bytes.
+    fn new(map: Arc<ShmMap>, writes: Option<&ShmMap>) -> std::result::Result<Arc<ReplyMemory>, &'static str> {
+        if writes.is_some_and(|w| w.identity() == map.identity()) {
+            return Err("it is the payload memory too");
+        }
+        let mut in_use = READ_MEMORIES.lock().unwrap_or_else(PoisonError::into_inner);
+        if in_use.contains(&map.identity()) {
+            return Err("another connection reads into it");
+        }
+        in_use.push(map.identity());
+        drop(in_use);
+        Ok(Arc::new(ReplyMemory { map, lent: Mutex::new(Vec::new()) }))
     }
 
     /// `len` bytes at `at` as a buffer a read can fill. A region outside
@@ -723,6 +740,13 @@ impl ReplyMemory {
         // other loan until the buffer is dropped. The controller does not
         // touch it until we answer, which is after the buffer is gone.
         Ok(unsafe { AlignedBuf::lent(ptr, len, Box::new(lease)) })
+    }
+}
+
+impl Drop for ReplyMemory {
+    fn drop(&mut self) {
+        let mut in_use = READ_MEMORIES.lock().unwrap_or_else(PoisonError::into_inner);
+        in_use.retain(|&id| id != self.map.identity());
     }
 }
 

@@ -424,3 +424,36 @@ async fn the_volume_offers_payload_memory_only_while_a_replica_maps_it() {
     drop(buf);
     vol.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_memory_belongs_to_one_connection_alone() {
+    let r = start(Faults::default()).await;
+    let path = r.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let pool = ShmPool::new(1 << 20).unwrap();
+        // The payload memory offered as read memory too: the connection
+        // serves without read memory.
+        let (_same, flags) = raw_hello(&path, &[pool.fd(), pool.fd()]);
+        assert_ne!(flags & wire::HELLO_SHM, 0);
+        assert_eq!(flags & wire::HELLO_SHM_READ, 0, "payload memory accepted as read memory");
+        // One read memory offered on two connections: the second goes without.
+        let reads = ShmPool::new(1 << 20).unwrap();
+        let (first, flags) = raw_hello(&path, &[pool.fd(), reads.fd()]);
+        assert_ne!(flags & wire::HELLO_SHM_READ, 0);
+        let (_second, flags) = raw_hello(&path, &[pool.fd(), reads.fd()]);
+        assert_eq!(flags & wire::HELLO_SHM_READ, 0, "one read memory accepted twice");
+        // Once the first connection is gone, the memory is free again.
+        drop(first);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_again, flags) = raw_hello(&path, &[pool.fd(), reads.fd()]);
+            if flags & wire::HELLO_SHM_READ != 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the read memory was never released");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+}
