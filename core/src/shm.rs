@@ -380,17 +380,6 @@ impl ShmMap {
 }
 
 impl ShmMap {
-    /// Copies `data` to `offset` of a writable mapping; false (and no
-    /// copy) if the range is not inside it or the mapping is read-only.
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> bool {
-        let Some(dst) = self.region_mut(offset, data.len()) else { return false };
-        // SAFETY: the range is inside the mapping, which is writable and
-        // lives as long as `self`; the controller reads this buffer only
-        // after our answer.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_ptr(), data.len()) };
-        true
-    }
-
     /// The address of `offset..offset + len` of a writable mapping, if the
     /// range is non-empty and inside it. Writing through it is the
     /// caller's business: the pointer is valid while `self` lives.

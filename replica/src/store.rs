@@ -908,13 +908,7 @@ impl Inner {
                 out = Some(data);
                 continue;
             }
-            let buf = out.get_or_insert_with(|| match dest.take() {
-                Some(mut d) => {
-                    d.fill(0);
-                    d
-                }
-                None => AlignedBuf::zeroed((count * BS) as usize),
-            });
+            let buf = out.get_or_insert_with(|| zeroed_or(dest.take(), count));
             for ((&(pos, i0, n), pair), &cached) in runs.iter().zip(bufs.chunks(2)).zip(&cached) {
                 for k in 0..n {
                     let i = i0 + k;
@@ -936,13 +930,7 @@ impl Inner {
                 }
             }
         }
-        Ok(out.unwrap_or_else(|| match dest {
-            Some(mut d) => {
-                d.fill(0);
-                d
-            }
-            None => AlignedBuf::zeroed((count * BS) as usize),
-        }))
+        Ok(out.unwrap_or_else(|| zeroed_or(dest, count)))
     }
 
     /// Reads `dest.len()` bytes at `offset` into `dest` (block-aligned:
@@ -1892,6 +1880,17 @@ fn locate_runs(layers: &[Arc<Layer>], a: u64, b: u64) -> Vec<(usize, std::ops::R
     }
     owned.sort_unstable_by_key(|(_, r)| r.start);
     owned
+}
+
+/// `dest` cleared, or a new zeroed buffer of `count` blocks.
+fn zeroed_or(dest: Option<AlignedBuf>, count: u64) -> AlignedBuf {
+    match dest {
+        Some(mut d) => {
+            d.fill(0);
+            d
+        }
+        None => AlignedBuf::zeroed((count * BS) as usize),
+    }
 }
 
 /// Checks one block of a layer against its record.
