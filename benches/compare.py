@@ -11,7 +11,9 @@ benches/snapshots.py (random-read latency with a chain of 100 snapshots vs
 tgtd). Short by default; --runtime makes it longer, --rounds N repeats the
 whole NBD table N times and reports per-cell medians (ratios are taken
 within each round, then their median and range), which is what to use on a
-shared, noisy machine.
+shared, noisy machine. Within a round every target is up at once and each
+workload runs on one target after another, so the runs a ratio compares
+are seconds apart.
 
     benches/compare.py [--runtime 5] [--rounds 1] [--size 512M] [--out docs/benchmarks.md]
                        [--no-extras] [--iscsi]
@@ -27,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import tempfile
 import time
 
@@ -133,7 +136,8 @@ def start_jiva(jiva, workdir, size, replicas, extra=()):
     d = os.path.join(workdir, f"jiva-{replicas}{'-'.join(extra)}")
     shutil.rmtree(d, ignore_errors=True)  # a fresh volume every round
     proc = subprocess.Popen(
-        [jiva, "up", "--dir", d, "--size", size, "--replicas", str(replicas), "--nbd", "127.0.0.1:0", *extra],
+        [jiva, "up", "--dir", d, "--size", size, "--replicas", str(replicas), "--nbd", "127.0.0.1:0",
+         "--api", "127.0.0.1:0", *extra],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "JIVA_LOG": "warn"},
     )
     for line in proc.stdout:
@@ -142,6 +146,8 @@ def start_jiva(jiva, workdir, size, replicas, extra=()):
             break
     else:
         die("jiva up did not start")
+    # It runs alongside the others for a whole round: keep its stdout from filling.
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
     return Server(f"jiva {replicas}r" + (" direct" if extra else ""), proc, uri)
 
 
@@ -253,7 +259,7 @@ def main():
         for rnd in range(1, args.rounds + 1):
             if args.rounds > 1:
                 print(f"== round {rnd} of {args.rounds}", flush=True)
-            run_round(args, starters, workdir, size_bytes, results)
+            run_round(args, starters, workdir, size_bytes, results, rnd - 1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -261,35 +267,47 @@ def main():
     write_report(args, results, extras)
 
 
-def run_round(args, starters, workdir, size_bytes, results):
-    """Every target once, every workload on each; appends to `results`."""
-    for name, start in starters:
-        srv = start()
-        try:
-            nbd_args = ["--ioengine=nbd", f"--uri={srv.uri}"]
-            prefill(nbd_args, args.size)
-            for wl, rw, bs, qd in WORKLOADS:
-                pids = srv.pids()
-                c0 = cpu_seconds(pids)
-                r = fio(nbd_args, rw, bs, qd, args.runtime, args.size)
-                r["cpu_us_per_io"] = (cpu_seconds(pids) - c0) * 1e6 / max(r["ios"], 1)
-                results.setdefault(name, {}).setdefault(wl, []).append(r)
-                print(f"{name:12} {wl:20} {fmt_iops(r):>8} IOPS {r['bw'] / 2**20:8.0f} MiB/s "
-                      f"{r['lat_us']:8.0f} us  {r['cpu_us_per_io']:6.1f} us CPU/IO", flush=True)
-        finally:
-            srv.stop()
-    if not args.only or "local io_uring" in args.only:
-        path = os.path.join(workdir, "local.img")
-        make_file(path, size_bytes)
-        local = ["--ioengine=io_uring", "--direct=1", f"--filename={path}"]
-        prefill(local, args.size)
+def run_round(args, starters, workdir, size_bytes, results, rnd=0):
+    """Every workload once on every target; appends to `results`.
+
+    The targets run side by side: all are started and filled first, then
+    each workload runs on one target after another, so the runs a ratio
+    compares are seconds apart rather than minutes (this host's speed
+    drifts). The order rotates from round to round, so no target always
+    runs first or last."""
+    servers = []
+    try:
+        targets = []
+        for name, start in starters:
+            srv = start()
+            servers.append(srv)
+            targets.append((name, ["--ioengine=nbd", f"--uri={srv.uri}"], srv.pids))
+        if not args.only or "local io_uring" in args.only:
+            path = os.path.join(workdir, "local.img")
+            make_file(path, size_bytes)
+            targets.append(("local io_uring", ["--ioengine=io_uring", "--direct=1", f"--filename={path}"], None))
+        for _, fio_args, _ in targets:
+            prefill(fio_args, args.size)
+        # The fills' dirty pages go to disk now, not during someone's run.
+        os.sync()
+        if targets:
+            k = rnd % len(targets)
+            targets = targets[k:] + targets[:k]
         for wl, rw, bs, qd in WORKLOADS:
-            r = fio(local, rw, bs, qd, args.runtime, args.size)
-            r["cpu_us_per_io"] = float("nan")
-            results.setdefault("local io_uring", {}).setdefault(wl, []).append(r)
-            print(f"{'local':12} {wl:20} {fmt_iops(r):>8} IOPS {r['bw'] / 2**20:8.0f} MiB/s "
-                  f"{r['lat_us']:8.0f} us", flush=True)
-        os.remove(path)
+            for name, fio_args, pids_of in targets:
+                pids = pids_of() if pids_of else []
+                c0 = cpu_seconds(pids)
+                r = fio(fio_args, rw, bs, qd, args.runtime, args.size)
+                r["cpu_us_per_io"] = (cpu_seconds(pids) - c0) * 1e6 / max(r["ios"], 1) if pids_of else float("nan")
+                results.setdefault(name, {}).setdefault(wl, []).append(r)
+                cpu = f"{r['cpu_us_per_io']:6.1f} us CPU/IO" if pids_of else ""
+                print(f"{name:14} {wl:20} {fmt_iops(r):>8} IOPS {r['bw'] / 2**20:8.0f} MiB/s "
+                      f"{r['lat_us']:8.0f} us  {cpu}", flush=True)
+    finally:
+        for srv in servers:
+            srv.stop()
+        if os.path.exists(os.path.join(workdir, "local.img")):
+            os.remove(os.path.join(workdir, "local.img"))
 
 
 def median(xs):
@@ -385,7 +403,9 @@ def write_report(args, runs, extras=()):
         f"Measured {datetime.date.today().isoformat()} with `benches/compare.py --runtime {args.runtime}"
         f"{rounds} --size {args.size}` on {machine()}. Client, servers and replicas share the machine; "
         "fio's nbd engine (one connection) for every NBD target, fio io_uring O_DIRECT on a local file "
-        "for the ceiling. Shared, noisy machines: read the ratios, not the absolute numbers." + medians,
+        "for the ceiling. All targets run side by side: each workload runs on one target after another "
+        "(the order rotating by round), so compared runs are seconds apart. "
+        "Shared, noisy machines: read the ratios, not the absolute numbers." + medians,
         "",
         "## Throughput",
         "",
