@@ -29,8 +29,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,6 +276,7 @@ def run_round(args, starters, workdir, size_bytes, results, rnd=0):
     drifts). The order rotates from round to round, so no target always
     runs first or last."""
     servers = []
+    local_img = os.path.join(workdir, "local.img")
     try:
         targets = []
         for name, start in starters:
@@ -283,9 +284,8 @@ def run_round(args, starters, workdir, size_bytes, results, rnd=0):
             servers.append(srv)
             targets.append((name, ["--ioengine=nbd", f"--uri={srv.uri}"], srv.pids))
         if not args.only or "local io_uring" in args.only:
-            path = os.path.join(workdir, "local.img")
-            make_file(path, size_bytes)
-            targets.append(("local io_uring", ["--ioengine=io_uring", "--direct=1", f"--filename={path}"], None))
+            make_file(local_img, size_bytes)
+            targets.append(("local io_uring", ["--ioengine=io_uring", "--direct=1", f"--filename={local_img}"], None))
         for _, fio_args, _ in targets:
             prefill(fio_args, args.size)
         # The fills' dirty pages go to disk now, not during someone's run.
@@ -306,8 +306,8 @@ def run_round(args, starters, workdir, size_bytes, results, rnd=0):
     finally:
         for srv in servers:
             srv.stop()
-        if os.path.exists(os.path.join(workdir, "local.img")):
-            os.remove(os.path.join(workdir, "local.img"))
+        if os.path.exists(local_img):
+            os.remove(local_img)
 
 
 def median(xs):
