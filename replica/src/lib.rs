@@ -10,6 +10,7 @@ pub mod engine;
 pub mod format;
 pub mod index;
 pub mod intent;
+mod records;
 pub mod server;
 mod store;
 

@@ -37,6 +37,7 @@ use crate::engine::{Action, Batch, Completion, Engine, EngineKind, Outcome, Requ
 use crate::format::{self, BlockRecord, Manifest, RECORD_SIZE, SnapshotMeta};
 use crate::index::BlockIndex;
 use crate::intent::{self, Intent};
+use crate::records::RecordMap;
 
 const BS: u64 = BLOCK_SIZE as u64;
 const BSZ: usize = BLOCK_SIZE as usize;
@@ -94,6 +95,8 @@ struct Layer {
     /// first); the range lock keeps them ordered.
     bulk: Option<Arc<File>>,
     records: Arc<File>,
+    /// `records`, mapped: reads look their records up here.
+    record_map: RecordMap,
     /// Blocks with a record in this layer (an over-approximation while a
     /// change is in flight: reads fall through on an empty record).
     index: RwLock<BlockIndex>,
@@ -868,29 +871,30 @@ impl Inner {
             let mut cached = Vec::with_capacity(runs.len());
             let batch = runs
                 .iter()
-                .flat_map(|&(pos, i, n)| {
+                .map(|&(pos, i, n)| {
                     let l = &layers[pos];
                     let file =
                         if piped { &l.data } else { l.data_for_read((first + i) * BS, (n * BS) as usize) };
                     cached.push(!l.direct && Arc::ptr_eq(file, &l.data));
-                    let data = match into.take() {
+                    match into.take() {
                         Some(buf) => Request {
                             file: file.clone(),
                             offset: (first + i) * BS,
                             action: Action::Read(buf),
                         },
                         None => Request::read(file, (first + i) * BS, (n * BS) as usize),
-                    };
-                    [data, Request::read(&l.records, (first + i) * REC, (n * REC) as usize)]
+                    }
                 })
                 .collect();
+            // The records are looked up once the data is in: the range lock
+            // keeps both as they are until we return.
             let mut bufs = self.run(batch, (first + runs[0].1) * BS).await?;
             if whole {
                 // The common case: one layer has every block; keep its buffer.
-                let records = bufs.pop().unwrap_or_default();
+                let map = &layers[runs[0].0].record_map;
                 let mut data = bufs.pop().unwrap_or_default();
                 for i in 0..count {
-                    match check_block(first + i, &data[blocks(i, 1)], &records[recs(i, 1)])? {
+                    match check_block(first + i, &data[blocks(i, 1)], &record_of(map, first + i)?)? {
                         Found::Data => {
                             if let Some(s) = sources.as_deref_mut()
                                 && cached[0]
@@ -909,11 +913,12 @@ impl Inner {
                 continue;
             }
             let buf = out.get_or_insert_with(|| zeroed_or(dest.take(), count));
-            for ((&(pos, i0, n), pair), &cached) in runs.iter().zip(bufs.chunks(2)).zip(&cached) {
+            for ((&(pos, i0, n), data), &cached) in runs.iter().zip(&bufs).zip(&cached) {
+                let map = &layers[pos].record_map;
                 for k in 0..n {
                     let i = i0 + k;
-                    let block = &pair[0][blocks(k, 1)];
-                    match check_block(first + i, block, &pair[1][recs(k, 1)])? {
+                    let block = &data[blocks(k, 1)];
+                    match check_block(first + i, block, &record_of(map, first + i)?)? {
                         Found::Data => {
                             buf[blocks(i, 1)].copy_from_slice(block);
                             if let Some(s) = sources.as_deref_mut()
@@ -1915,6 +1920,13 @@ fn check_block(block: u64, data: &[u8], record: &[u8]) -> Result<Found> {
     Ok(Found::Data)
 }
 
+/// The stored record of `block` in `map`.
+fn record_of(map: &RecordMap, block: u64) -> Result<[u8; RECZ]> {
+    map.get(block).ok_or_else(|| {
+        Error::new(ErrorKind::Corrupt, format!("block {block} is past the end of the records")).at(block * BS)
+    })
+}
+
 /// Requests writing `rec` as the record of blocks `a..b`, in chunks that
 /// share one buffer.
 fn fill_records(file: &Arc<File>, a: u64, b: u64, rec: BlockRecord) -> Vec<Request> {
@@ -2033,8 +2045,11 @@ fn open_layer(dir: &Path, id: u64, size: u64, create: bool, direct_io: bool) -> 
     } else {
         open_direct(&dir.join(format::data_file_name(id)), true).ok().map(Arc::new)
     };
-    let records = open(format::records_file_name(id), size / BS * REC)?;
-    Ok(Layer { id, data, direct, bulk, records, index: RwLock::new(BlockIndex::new()) })
+    let records_len = size / BS * REC;
+    let records = open(format::records_file_name(id), records_len)?;
+    let record_map = RecordMap::new(&records, records_len)
+        .map_err(|e| ctx(&format!("cannot map {}", format::records_file_name(id)), e))?;
+    Ok(Layer { id, data, direct, bulk, records, record_map, index: RwLock::new(BlockIndex::new()) })
 }
 
 /// Builds a layer's index from its records file, reading only the parts
