@@ -57,21 +57,24 @@ pub const REF_LEN: usize = 8;
 /// The seals a shared pool must carry.
 const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
 
-/// A read-write mapping of `len` bytes of `fd`, or read-only.
-struct Mapping {
+/// A shared mapping of the first `len` bytes of a file, read-write or
+/// read-only, unmapped on drop. Its owner decides how the memory is
+/// accessed (the pools here; the replica's records files).
+pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
 }
 
 // SAFETY: the mapping is plain memory that stays valid until drop; access
-// is coordinated by the pool's allocator (writers) and the lifetime rule
-// in the module docs (readers).
+// is coordinated by its owner (for the pools: the allocator for writers,
+// the lifetime rule in the module docs for readers).
 unsafe impl Send for Mapping {}
 // SAFETY: as above; `Mapping` itself hands out no references.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn new(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Mapping> {
+    /// Maps `len` (> 0) bytes of `fd` from its start.
+    pub fn new(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Mapping> {
         let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
         // SAFETY: a fresh shared mapping of a descriptor we hold; the kernel
         // picks the address. Checked for MAP_FAILED below.
@@ -81,6 +84,25 @@ impl Mapping {
         }
         let ptr = NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(Mapping { ptr, len })
+    }
+
+    /// Start of the mapping (page-aligned).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping").field("len", &self.len).finish()
     }
 }
 

@@ -16,30 +16,21 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::ptr::NonNull;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use jiva_core::shm::Mapping;
 
 use crate::format::RECORD_SIZE;
 
 const REC: usize = RECORD_SIZE as usize;
-/// 8-byte words per record.
-const WORDS: usize = REC / 8;
 
 /// See the module documentation.
 #[derive(Debug)]
 pub struct RecordMap {
-    /// Start of the mapping; dangling when `len` is 0 (nothing is mapped).
-    base: NonNull<u8>,
-    /// Length of the mapping in bytes, a multiple of [`RECORD_SIZE`].
-    len: usize,
+    /// Read-only, a whole number of records long; `None` for an empty file.
+    map: Option<Mapping>,
 }
-
-// SAFETY: the mapping is plain shared memory that lives until drop; every
-// access is an atomic load, so sharing it between threads is sound.
-unsafe impl Send for RecordMap {}
-// SAFETY: as above.
-unsafe impl Sync for RecordMap {}
 
 impl RecordMap {
     /// Maps the first `len` bytes of `file` (its whole length: a records
@@ -49,50 +40,29 @@ impl RecordMap {
         if len % REC != 0 {
             return Err(io::Error::other("records file length is not a whole number of records"));
         }
-        if len == 0 {
-            return Ok(RecordMap { base: NonNull::dangling(), len: 0 });
-        }
-        // SAFETY: a fresh read-only shared mapping of an open descriptor; the
-        // kernel picks the address, so nothing of ours is overlapped. The
-        // result is checked below.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0)
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(RecordMap { base, len })
+        let map = if len == 0 { None } else { Some(Mapping::new(file.as_fd(), len, false)?) };
+        Ok(RecordMap { map })
     }
 
     /// The record of block `block` as stored, or `None` past the end of the
     /// file.
     pub fn get(&self, block: u64) -> Option<[u8; REC]> {
+        let map = self.map.as_ref()?;
         let at = usize::try_from(block).ok()?.checked_mul(REC)?;
-        if at.checked_add(REC)? > self.len {
+        if at.checked_add(REC)? > map.len() {
             return None;
         }
         let mut out = [0u8; REC];
-        for (w, bytes) in out.chunks_exact_mut(8).enumerate().take(WORDS) {
+        for (w, bytes) in out.chunks_exact_mut(8).enumerate() {
             // SAFETY: `at + 8 * w + 8 <= len`, so the word lies inside the
             // mapping, which stays mapped while `self` lives; the mapping is
             // page-aligned and `at + 8 * w` a multiple of 8, so the word is
-            // aligned; and the memory is only ever accessed atomically by us.
-            let word = unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(at + 8 * w).cast::<u64>()) };
+            // aligned; and we only ever access this memory atomically (the
+            // kernel changes it under us).
+            let word = unsafe { AtomicU64::from_ptr(map.as_ptr().add(at + 8 * w).cast::<u64>()) };
             bytes.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
         }
         Some(out)
-    }
-}
-
-impl Drop for RecordMap {
-    fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: `base` and `len` are exactly what mmap returned and
-            // were given, and no reference into the mapping outlives `self`
-            // (`get` returns copies).
-            unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
-        }
     }
 }
 
