@@ -2,6 +2,8 @@
 //! stream without first copying them together.
 
 use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -66,6 +68,60 @@ pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
         } else {
             w.write_vectored(&[IoSlice::new(head), IoSlice::new(data)]).await?
         };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        data = &data[n - from_head..];
+    }
+    Ok(())
+}
+
+/// Sends `head` then `data` on a non-blocking stream socket from a thread
+/// that may block: waits in `poll` while the socket is full. For large
+/// frames written off the runtime thread, so that its copy into the
+/// socket runs beside the runtime's other work. Gives up with
+/// `ConnectionAborted` once `cancel` is set (checked whenever the socket is
+/// full, at least every 50 ms), so a client that stops reading cannot keep
+/// the thread forever.
+pub fn send_frame_blocking(
+    fd: BorrowedFd<'_>,
+    head: &[u8],
+    data: &[u8],
+    cancel: &AtomicBool,
+) -> io::Result<()> {
+    let (mut head, mut data) = (head, data);
+    while !head.is_empty() || !data.is_empty() {
+        let iov = [
+            libc::iovec { iov_base: head.as_ptr().cast_mut().cast(), iov_len: head.len() },
+            libc::iovec { iov_base: data.as_ptr().cast_mut().cast(), iov_len: data.len() },
+        ];
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr().cast_mut();
+        msg.msg_iovlen = iov.len();
+        // SAFETY: `msg` points at two iovecs over live slices that outlive
+        // the call; sendmsg only reads them. MSG_NOSIGNAL: a closed peer
+        // is an EPIPE error, not a signal.
+        let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(io::ErrorKind::ConnectionAborted.into());
+                    }
+                    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                    // SAFETY: one valid pollfd, for the duration of the call.
+                    unsafe { libc::poll(&mut pfd, 1, 50) };
+                    continue;
+                }
+                _ => return Err(e),
+            }
+        }
+        let n = n as usize;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -34,7 +34,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -607,7 +607,10 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
             Some(SpliceFds { out, inp }) => (Some(out), Some(inp)),
             None => (None, None),
         };
-        let mut writer = tokio::spawn(write_replies(wr, rx, splice_out));
+        // Large replies are sent from a blocking thread through this
+        // duplicate of the socket (see OFFLOAD_REPLY_BYTES).
+        let offload = splice_out.as_ref().and_then(|fd| fd.get_ref().try_clone().ok()).map(Arc::new);
+        let mut writer = tokio::spawn(write_replies(wr, rx, splice_out, offload));
         let limits = Limits {
             slots: Arc::new(Semaphore::new(self.max_in_flight)),
             buffers: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES as usize)),
@@ -800,6 +803,12 @@ struct Limits {
     buffers: Arc<Semaphore>,
 }
 
+/// READ replies at least this large are sent from a blocking thread, not
+/// the runtime's: copying a MiB into the socket takes a few hundred
+/// microseconds, which the runtime thread spends receiving and routing the
+/// next requests instead.
+const OFFLOAD_REPLY_BYTES: usize = 256 * 1024;
+
 /// A reply ready for the writer task. Dropping it (after writing) releases
 /// the request's slot and buffer budget.
 struct Outgoing {
@@ -821,7 +830,16 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     splice: Option<SpliceFd>,
+    offload: Option<Arc<OwnedFd>>,
 ) -> io::Result<()> {
+    // Stops a frame still being sent off the runtime when this task ends.
+    struct Cancel(Arc<AtomicBool>);
+    impl Drop for Cancel {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let cancel = Cancel(Arc::new(AtomicBool::new(false)));
     while let Some(mut msg) = rx.recv().await {
         loop {
             match msg.data.take() {
@@ -835,6 +853,18 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                     }
                     None => jiva_core::vectored::write_frame(&mut wr, &msg.head, &pipe.into_bytes()?).await?,
                 },
+                Some(Payload::Bytes(data)) if data.len() >= OFFLOAD_REPLY_BYTES && offload.is_some() => {
+                    let Some(fd) = &offload else { unreachable!() };
+                    // In order: everything buffered first.
+                    wr.flush().await?;
+                    let (fd, cancel) = (Arc::clone(fd), Arc::clone(&cancel.0));
+                    let head = std::mem::take(&mut msg.head);
+                    tokio::task::spawn_blocking(move || {
+                        jiva_core::vectored::send_frame_blocking(fd.as_fd(), &head, &data, &cancel)
+                    })
+                    .await
+                    .map_err(io::Error::other)??;
+                }
                 Some(Payload::Bytes(data)) => {
                     jiva_core::vectored::write_frame(&mut wr, &msg.head, &data).await?
                 }
