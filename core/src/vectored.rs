@@ -155,4 +155,36 @@ mod tests {
         drop(a);
         assert_eq!(reader.await.unwrap(), expect);
     }
+
+    #[test]
+    fn blocking_frames_arrive_whole_and_a_stalled_one_gives_up_when_cancelled() {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let data: Vec<u8> = (0..=255u8).cycle().take(4 << 20).collect();
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let cancel = AtomicBool::new(false);
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 4 + (4 << 20)];
+            b.read_exact(&mut got).unwrap();
+            (got, b)
+        });
+        super::send_frame_blocking(a.as_fd(), b"head", &data, &cancel).unwrap();
+        let (got, b) = reader.join().unwrap();
+        assert_eq!(&got[..4], b"head");
+        assert!(got[4..] == data[..]);
+
+        // Nobody reads now: the socket fills, and the send ends once cancelled.
+        let err = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                cancel.store(true, Ordering::Relaxed);
+            });
+            super::send_frame_blocking(a.as_fd(), b"head", &data, &cancel).unwrap_err()
+        });
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
+        drop(b);
+    }
 }
