@@ -59,6 +59,10 @@ pub struct Args {
     /// copy over the socket (K/M/G; 0 = off).
     #[arg(long, default_value = "64M", value_name = "SIZE")]
     payload_memory: ByteSize,
+    /// Never read local replicas' head files directly: every READ goes
+    /// over the replica's socket.
+    #[arg(long)]
+    no_local_reads: bool,
     /// Address of the HTTP/JSON control API (e.g. 127.0.0.1:9500).
     #[arg(long, value_name = "ADDR")]
     api: Option<String>,
@@ -120,6 +124,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let opts = RemoteOptions {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
+        local_reads: !args.no_local_reads,
     };
     let deadline = Instant::now() + Duration::from_secs(args.connect_timeout);
 

@@ -66,6 +66,10 @@ pub struct Args {
     /// Unix domain sockets.
     #[arg(long)]
     tcp_replicas: bool,
+    /// Make the controller read every block over the replicas' sockets,
+    /// never from a local replica's head files directly.
+    #[arg(long)]
+    no_local_reads: bool,
 }
 
 /// Longest socket path we use (`sun_path` holds 108 bytes with its NUL).
@@ -235,6 +239,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(iscsi) = &args.iscsi {
         a.extend(["--iscsi".to_string(), iscsi.clone()]);
+    }
+    if args.no_local_reads {
+        a.push("--no-local-reads".into());
     }
     let (mut controller, ready) = match start("controller".into(), &a, "ready ").await {
         Ok(x) => x,

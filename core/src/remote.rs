@@ -8,7 +8,7 @@
 //! later request fails with [`ErrorKind::Disconnected`].
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::device::{BlockDevice, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Op, Result};
+use crate::local::LocalHead;
 use crate::pipe::{self, Filled, Payload, Piped};
 use crate::replica::{Connector, Replica};
 use crate::shm::{ShmBuf, ShmPool};
@@ -36,11 +37,18 @@ pub struct RemoteOptions {
     pub connect_timeout: Duration,
     /// Bound on any single request.
     pub request_timeout: Duration,
+    /// Read a local replica's head files directly where it offers them
+    /// (see [`crate::local`]).
+    pub local_reads: bool,
 }
 
 impl Default for RemoteOptions {
     fn default() -> RemoteOptions {
-        RemoteOptions { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(5) }
+        RemoteOptions {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            local_reads: true,
+        }
     }
 }
 
@@ -201,6 +209,8 @@ pub struct RemoteReplica {
     shm: Option<Arc<ShmPool>>,
     /// Memory this replica puts READ replies in, if it mapped it.
     reads: Option<Arc<ShmPool>>,
+    /// The replica's head files, while it lets us read them directly.
+    local: Option<LocalHead>,
 }
 
 impl std::fmt::Debug for RemoteReplica {
@@ -239,17 +249,18 @@ async fn open_stream(addr: &str, opts: &RemoteOptions) -> Result<Stream> {
 }
 
 async fn handshake(stream: &mut Stream, hello: &Hello, opts: &RemoteOptions) -> Result<HelloReply> {
-    handshake_sharing(stream, hello, opts, &[]).await
+    // Descriptors only come with an attach that shared memory.
+    handshake_sharing(stream, hello, opts, &[]).await.map(|(reply, _)| reply)
 }
 
 /// The handshake; over a Unix socket, the descriptors `shm` go along with
-/// the Hello.
+/// the Hello, and those the replica sends come back with its reply.
 async fn handshake_sharing(
     stream: &mut Stream,
     hello: &Hello,
     opts: &RemoteOptions,
     shm: &[BorrowedFd<'_>],
-) -> Result<HelloReply> {
+) -> Result<(HelloReply, Vec<OwnedFd>)> {
     match stream {
         Stream::Tcp(s) => exchange_hello(s, hello, opts, &[]).await,
         Stream::Unix(s) => exchange_hello(s, hello, opts, shm).await,
@@ -286,6 +297,13 @@ trait HelloStream: AsyncRead + AsyncWrite + Unpin {
         let _ = fds;
         self.write_all(bytes).await
     }
+
+    /// Reads more of the reply into `buf`, adding any descriptors that
+    /// came with it to `fds`; 0 at the end of the stream.
+    async fn recv_hello(&mut self, buf: &mut BytesMut, fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
+        let _ = fds;
+        self.read_buf(buf).await
+    }
 }
 
 impl HelloStream for TcpStream {}
@@ -294,6 +312,23 @@ impl HelloStream for UnixStream {
     async fn send_hello(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
         if fds.is_empty() { self.write_all(bytes).await } else { send_with_fds(self, bytes, fds).await }
     }
+
+    async fn recv_hello(&mut self, buf: &mut BytesMut, fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
+        let mut chunk = [0u8; 1024];
+        loop {
+            self.readable().await?;
+            match self.try_io(tokio::io::Interest::READABLE, || crate::fdpass::recv(self.as_fd(), &mut chunk))
+            {
+                Ok((n, got)) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    fds.extend(got);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 async fn exchange_hello<S: HelloStream>(
@@ -301,17 +336,18 @@ async fn exchange_hello<S: HelloStream>(
     hello: &Hello,
     opts: &RemoteOptions,
     shm: &[BorrowedFd<'_>],
-) -> Result<HelloReply> {
+) -> Result<(HelloReply, Vec<OwnedFd>)> {
     let exchange = async {
         let mut out = BytesMut::new();
         wire::encode_hello(hello, &mut out)?;
         stream.send_hello(&out, shm).await?;
         let mut buf = BytesMut::with_capacity(512);
+        let mut fds = Vec::new();
         loop {
             if let Some(reply) = wire::decode_hello_reply(&mut buf)? {
-                return Ok(reply);
+                return Ok((reply, fds));
             }
-            if stream.read_buf(&mut buf).await? == 0 {
+            if stream.recv_hello(&mut buf, &mut fds).await? == 0 {
                 return Err(Error::new(ErrorKind::Disconnected, "replica closed during handshake"));
             }
         }
@@ -377,13 +413,19 @@ impl RemoteReplica {
             _ => None,
         };
         let fds: Vec<BorrowedFd<'_>> = shm.iter().chain(reads.iter()).map(|p| p.fd()).collect();
-        let reply = handshake_sharing(&mut stream, &hello, &opts, &fds).await?;
+        let (reply, local_fds) = handshake_sharing(&mut stream, &hello, &opts, &fds).await?;
         drop(fds);
         if let Some(err) = reply.error() {
             return Err(err.with_op(Op::Handshake));
         }
         let shm = shm.filter(|_| reply.flags & wire::HELLO_SHM != 0);
         let reads = reads.filter(|_| reply.flags & wire::HELLO_SHM_READ != 0);
+        let local = match reply.flags & wire::HELLO_LOCAL_READS != 0 && opts.local_reads {
+            true => LocalHead::open(local_fds)
+                .map_err(|e| tracing::warn!("not reading replica {addr}'s files directly: {e}"))
+                .ok(),
+            false => None,
+        };
         if reply.size != size {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -427,6 +469,7 @@ impl RemoteReplica {
             pipes,
             shm,
             reads,
+            local,
         })
     }
 
@@ -595,6 +638,27 @@ impl RemoteReplica {
             buf.advance(len);
             Ok(buf.freeze())
         }))
+    }
+
+    /// A READ served from the replica's head files directly (see
+    /// [`crate::local`]); `None` where it must go over the socket.
+    fn read_local(&self, offset: u64, len: usize) -> Option<Bytes> {
+        let local = self.local.as_ref()?;
+        // A replica that went away can no longer revoke the files.
+        if !self.is_connected() {
+            return None;
+        }
+        local.read(offset, len)
+    }
+
+    /// READs served from the replica's head files directly so far.
+    pub fn local_reads(&self) -> u64 {
+        self.local.as_ref().map_or(0, LocalHead::served)
+    }
+
+    /// Whether this connection reads the replica's head files directly now.
+    pub fn reads_locally(&self) -> bool {
+        self.local.as_ref().is_some_and(|l| l.is_valid()) && self.is_connected()
     }
 
     fn check_read_len(&self, offset: u64, len: usize, got: usize) -> Result<()> {
@@ -799,6 +863,9 @@ impl BlockDevice for RemoteReplica {
     }
 
     async fn read_payload(&self, offset: u64, len: usize) -> Result<Payload> {
+        if let Some(data) = self.read_local(offset, len) {
+            return Ok(Payload::Bytes(data));
+        }
         if let Some(data) = self.read_shared(offset, len).await {
             return data.map(Payload::Bytes);
         }
@@ -815,6 +882,9 @@ impl BlockDevice for RemoteReplica {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        if let Some(data) = self.read_local(offset, len) {
+            return Ok(data);
+        }
         if let Some(data) = self.read_shared(offset, len).await {
             return data;
         }
@@ -1110,7 +1180,7 @@ mod tests {
         // Reads at offset 0 are never answered; others are, out of order.
         let (addr, path) = fake_replica(|r| r.offset != 0).await;
         let timeout = Duration::from_millis(300);
-        let opts = RemoteOptions { connect_timeout: Duration::from_secs(5), request_timeout: timeout };
+        let opts = RemoteOptions { request_timeout: timeout, ..RemoteOptions::default() };
         let r = RemoteReplica::connect(&addr, "v", 1 << 20, 1, opts).await.unwrap();
         let started = std::time::Instant::now();
         let (silent, a, b) = tokio::join!(r.read(0, 4096), r.read(1, 4096), r.read(2, 100));

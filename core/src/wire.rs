@@ -119,6 +119,9 @@ pub const HELLO_SHM: u32 = 4;
 /// HelloReply flag: the replica mapped the read memory sent with the
 /// Hello (the second descriptor), so READs may carry [`FLAG_SHM`].
 pub const HELLO_SHM_READ: u32 = 8;
+/// HelloReply flag: the reply came with read-only descriptors of the
+/// replica's head files and a validity word (see [`crate::local`]).
+pub const HELLO_LOCAL_READS: u32 = 16;
 
 /// Wire-level decoding failure. Always fatal for the connection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -100,8 +100,6 @@
 //! the intent bitmap), raised durably before the change is made. A missing
 //! file (version 1 stores) reads as all zeros.
 
-use std::sync::OnceLock;
-
 use jiva_core::wire::{MAX_MEMBERS, MAX_PIECES, Membership, RebuildMark};
 
 /// A random, non-zero store id.
@@ -123,8 +121,7 @@ pub const FORMAT_VERSION: u32 = 3;
 /// Older manifest formats this build still reads.
 pub const FORMAT_VERSION_1: u32 = 1;
 pub const FORMAT_VERSION_2: u32 = 2;
-/// Bytes per block record.
-pub const RECORD_SIZE: u32 = 16;
+pub use jiva_core::record::RECORD_SIZE;
 /// Default write-intent region: 1 MiB.
 pub const DEFAULT_REGION_SIZE: u32 = 1 << 20;
 /// Manifest flag: the store was closed cleanly.
@@ -481,70 +478,11 @@ fn decode_snapshots(mut buf: &[u8], layers: &[u64]) -> Result<(Vec<SnapshotMeta>
     Ok((snaps, merging))
 }
 
-/// Record flag: the block is allocated in this layer.
-pub const REC_ALLOCATED: u16 = 1;
-/// Record flag: the block reads as zeros (its data is not read).
-pub const REC_ZERO: u16 = 2;
-const REC_KNOWN: u16 = REC_ALLOCATED | REC_ZERO;
-
-/// Per-block metadata (see the module documentation).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BlockRecord {
-    pub crc: u32,
-    pub flags: u16,
-}
-
-impl BlockRecord {
-    /// Not allocated in this layer (the all-zero record).
-    pub const UNALLOCATED: BlockRecord = BlockRecord { crc: 0, flags: 0 };
-
-    /// Allocated, holding data with checksum `crc`.
-    pub fn data(crc: u32) -> BlockRecord {
-        BlockRecord { crc, flags: REC_ALLOCATED }
-    }
-
-    /// Allocated, reading as zeros.
-    pub fn zero() -> BlockRecord {
-        BlockRecord { crc: zero_block_crc(), flags: REC_ALLOCATED | REC_ZERO }
-    }
-
-    pub fn is_allocated(&self) -> bool {
-        self.flags & REC_ALLOCATED != 0
-    }
-
-    pub fn is_zero(&self) -> bool {
-        self.flags & REC_ZERO != 0
-    }
-}
-
-/// Encodes `rec` into the first [`RECORD_SIZE`] bytes of `out`.
-pub fn encode_record(rec: &BlockRecord, out: &mut [u8]) {
-    let out = &mut out[..RECORD_SIZE as usize];
-    out[..4].copy_from_slice(&rec.crc.to_le_bytes());
-    out[4..6].copy_from_slice(&rec.flags.to_le_bytes());
-    out[6..].fill(0);
-}
+pub use jiva_core::record::{BlockRecord, REC_ALLOCATED, REC_ZERO, encode_record, zero_block_crc};
 
 /// Decodes the record in the first [`RECORD_SIZE`] bytes of `buf`.
 pub fn decode_record(buf: &[u8]) -> Result<BlockRecord, FormatError> {
-    let buf = buf.get(..RECORD_SIZE as usize).ok_or(FormatError::Malformed("short block record"))?;
-    let rec = BlockRecord { crc: u32_at(buf, 0), flags: u16_at(buf, 4) };
-    if buf[6..].iter().any(|&b| b != 0) {
-        return Err(FormatError::Malformed("reserved bytes of a block record are set"));
-    }
-    if rec.flags & !REC_KNOWN != 0 {
-        return Err(FormatError::Malformed("unknown block record flags"));
-    }
-    if !rec.is_allocated() && rec != BlockRecord::UNALLOCATED {
-        return Err(FormatError::Malformed("block record without ALLOCATED is not empty"));
-    }
-    Ok(rec)
-}
-
-/// crc32c of a block of zeros.
-pub fn zero_block_crc() -> u32 {
-    static CRC: OnceLock<u32> = OnceLock::new();
-    *CRC.get_or_init(|| jiva_core::crc32c(&[0u8; jiva_core::BLOCK_SIZE as usize]))
+    jiva_core::record::decode_record(buf).map_err(FormatError::Malformed)
 }
 
 fn u16_at(buf: &[u8], at: usize) -> u16 {

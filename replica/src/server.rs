@@ -26,16 +26,18 @@
 //! [`wire::FLAG_SHM`] are stored straight from it, after a range check.
 
 use std::future::Future;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
 use crate::engine::aligned::AlignedBuf;
+use crate::store::LocalGrant;
 use bytes::{Buf, Bytes, BytesMut};
 use jiva_core::device::{BlockDevice, ZeroFlags, check_range};
 use jiva_core::error::{Error, ErrorKind, Result};
+use jiva_core::local::Validity;
 use jiva_core::pipe::{Payload, Piped};
 use jiva_core::shm::{self, ShmMap};
 use jiva_core::splice::ZeroCopy;
@@ -68,6 +70,11 @@ pub trait Backend: BlockDevice {
     /// and other volumes (InvalidArgument).
     fn attach(&self, volume: &str, epoch: u64) -> impl Future<Output = Result<()>> + Send;
     fn meta(&self) -> ReplicaMeta;
+    /// The head files a controller on this machine may read directly (see
+    /// [`jiva_core::local`]); `None` where there are none to offer.
+    fn local_head(&self) -> Option<LocalGrant> {
+        None
+    }
     /// Reads `dest.len()` bytes at `offset` into `dest` (memory a
     /// controller shares with us; see [`jiva_core::shm`]).
     fn read_into(&self, offset: u64, mut dest: AlignedBuf) -> impl Future<Output = Result<()>> + Send {
@@ -182,6 +189,12 @@ impl Faults {
         Ok(Faults { eio_read_blocks, write_gate: None, read_gate: None })
     }
 
+    /// Injected read faults happen in the server, which a controller
+    /// reading the files directly would bypass.
+    fn allow_local_reads(&self) -> bool {
+        self.eio_read_blocks.is_empty() && self.read_gate.is_none()
+    }
+
     fn read_fails(&self, offset: u64, len: u64) -> bool {
         let (first, count) = jiva_core::block_span(offset, len);
         self.eio_read_blocks.iter().any(|&(a, b)| first < b && a < first + count)
@@ -197,6 +210,8 @@ pub struct ReplicaServer<B: Backend> {
     /// Held shared by every running request, taken exclusively by a
     /// takeover to wait for the requests accepted before its fence.
     running: Arc<RwLock<()>>,
+    /// Validity words of head files handed out, by connection epoch.
+    local_grants: Mutex<Vec<(u64, std::sync::Weak<Validity>)>>,
 }
 
 impl<B: Backend> std::fmt::Debug for ReplicaServer<B> {
@@ -213,6 +228,7 @@ impl<B: Backend> ReplicaServer<B> {
             faults: Faults::default(),
             current_epoch: AtomicU64::new(epoch),
             running: Arc::new(RwLock::new(())),
+            local_grants: Mutex::new(Vec::new()),
         }
     }
 
@@ -279,7 +295,8 @@ impl<B: Backend> ReplicaServer<B> {
                             Ok(Err(e)) => return tracing::info!(%peer, "controller connection ended: {e}"),
                             Err(_) => return tracing::info!(%peer, "controller sent no hello in time"),
                         };
-                        if let Err(e) = server.handle_connection_with(stream, zc, buf, fds).await {
+                        let sock = L::descriptor(&stream);
+                        if let Err(e) = server.handle_connection_with(stream, zc, buf, fds, sock).await {
                             tracing::info!(%peer, "controller connection ended: {e}");
                         }
                     });
@@ -293,19 +310,22 @@ impl<B: Backend> ReplicaServer<B> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.handle_connection_with(stream, None, BytesMut::with_capacity(64 * 1024), Vec::new()).await
+        self.handle_connection_with(stream, None, BytesMut::with_capacity(64 * 1024), Vec::new(), None).await
     }
 
     /// Like [`Self::handle_connection`], sending large replies through `zc`
     /// (a zero-copy sender for the same socket); `buf` holds what was read
     /// already, `shm_fds` the payload memory the controller sent with it
-    /// (for WRITE payloads, then for this connection's READ replies).
+    /// (for WRITE payloads, then for this connection's READ replies);
+    /// `sock`, a duplicate of a Unix socket's descriptor, sends the head
+    /// files to a controller that may read them directly.
     async fn handle_connection_with<S>(
         self: Arc<Self>,
         stream: S,
         zc: Option<ZeroCopy>,
         mut buf: BytesMut,
         shm_fds: Vec<OwnedFd>,
+        sock: Option<OwnedFd>,
     ) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -347,16 +367,78 @@ impl<B: Backend> ReplicaServer<B> {
         if reads.is_some() {
             reply.flags |= wire::HELLO_SHM_READ;
         }
+        // A controller that shares read memory is on this machine and
+        // reads through shared memory: it may read the head files directly.
+        let local = match &sock {
+            Some(_) if reads.is_some() && self.faults.allow_local_reads() => self.grant_local(hello.epoch),
+            _ => None,
+        };
         let shm = SharedMemory { writes, reads };
         let mut out = BytesMut::new();
-        wire::encode_hello_reply(&reply, &mut out);
-        wr.write_all(&out).await?;
+        let sent_with_files = match (&local, &sock) {
+            (Some(grant), Some(sock)) => {
+                reply.flags |= wire::HELLO_LOCAL_READS;
+                wire::encode_hello_reply(&reply, &mut out);
+                let fds = [grant.data.as_fd(), grant.records.as_fd(), grant.validity.fd()];
+                // The socket is empty this early: one sendmsg takes it all,
+                // or at least its first byte and the descriptors.
+                match jiva_core::fdpass::send(sock.as_fd(), &out, &fds) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        tracing::debug!("could not send the head files: {e}");
+                        grant.validity.revoke();
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        match sent_with_files {
+            Some(n) => wr.write_all(&out[n..]).await?,
+            None => {
+                reply.flags &= !wire::HELLO_LOCAL_READS;
+                out.clear();
+                wire::encode_hello_reply(&reply, &mut out);
+                wr.write_all(&out).await?;
+            }
+        }
         wr.flush().await?;
+        drop(sock);
+        // Revoked when this connection ends, however it ends.
+        let _local = local.map(|grant| Revoke(grant.validity));
         if !attached {
             return Ok(());
         }
         tracing::info!(volume = %hello.volume, epoch = hello.epoch, "controller attached");
         self.serve_requests(rd, wr, buf, hello.epoch, zc, shm).await
+    }
+
+    /// Hands connection `epoch` the head files (see
+    /// [`crate::Store::local_head`]), remembering the word so that a newer
+    /// controller's attach revokes it.
+    fn grant_local(&self, epoch: u64) -> Option<LocalGrant> {
+        let grant = self.backend.local_head()?;
+        let mut grants = self.local_grants.lock().unwrap_or_else(PoisonError::into_inner);
+        grants.retain(|(_, g)| g.strong_count() > 0);
+        grants.push((epoch, Arc::downgrade(&grant.validity)));
+        // Checked under the lock that fencing takes too.
+        if self.current_epoch.load(Ordering::SeqCst) > epoch {
+            grant.validity.revoke();
+        }
+        Some(grant)
+    }
+
+    /// Revokes the head files of every connection older than `epoch`.
+    fn revoke_local_below(&self, epoch: u64) {
+        let mut grants = self.local_grants.lock().unwrap_or_else(PoisonError::into_inner);
+        grants.retain(|(e, g)| match g.upgrade() {
+            Some(word) if *e < epoch => {
+                word.revoke();
+                false
+            }
+            Some(_) => true,
+            None => false,
+        });
     }
 
     async fn answer_hello(&self, hello: &Hello) -> (HelloReply, bool) {
@@ -418,6 +500,8 @@ impl<B: Backend> ReplicaServer<B> {
             refuse(&mut reply, e);
             return (reply, false);
         }
+        // An older controller reading the head files directly stops too.
+        self.revoke_local_below(hello.epoch);
         // Requests accepted before the fence may still be running (a write
         // from the controller this one replaces, say, waiting for the
         // disk). Let them finish first: the record and stamps this attach
@@ -800,6 +884,13 @@ trait ControllerListener: Send {
         let _ = (stream, buf);
         async { Ok(Vec::new()) }
     }
+
+    /// A duplicate of the connection's descriptor to send descriptors
+    /// through, where the transport carries them.
+    fn descriptor(stream: &Self::Stream) -> Option<OwnedFd> {
+        let _ = stream;
+        None
+    }
 }
 
 impl ControllerListener for TcpListener {
@@ -820,6 +911,10 @@ impl ControllerListener for UnixListener {
         Ok((stream, zc, "unix socket".to_owned()))
     }
 
+    fn descriptor(stream: &Self::Stream) -> Option<OwnedFd> {
+        std::os::fd::AsFd::as_fd(stream).try_clone_to_owned().ok()
+    }
+
     async fn first_read(stream: &Self::Stream, buf: &mut BytesMut) -> std::io::Result<Vec<OwnedFd>> {
         let mut chunk = [0u8; 1024];
         loop {
@@ -836,6 +931,15 @@ impl ControllerListener for UnixListener {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// Revokes a validity word when dropped.
+struct Revoke(Arc<Validity>);
+
+impl Drop for Revoke {
+    fn drop(&mut self) {
+        self.0.revoke();
     }
 }
 
@@ -919,6 +1023,13 @@ async fn write_responses<W: AsyncWrite + Unpin>(
 }
 
 impl Backend for crate::Store {
+    fn local_head(&self) -> Option<LocalGrant> {
+        crate::Store::local_head(self)
+            .map_err(|e| tracing::warn!("not offering the head files to a local controller: {e}"))
+            .ok()
+            .flatten()
+    }
+
     fn info(&self) -> BackendInfo {
         let id = self.identity();
         BackendInfo { volume: id.volume, size: id.size, epoch: id.epoch, clean: id.clean_open }

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use bytes::Bytes;
 use jiva_core::device::check_range;
+use jiva_core::local::Validity;
 use jiva_core::pipe::{self, Filled, Payload, Piped};
 use jiva_core::range_lock::RangeLock;
 use jiva_core::wire::{Membership, RebuildMark, ReplicaMeta};
@@ -210,6 +211,9 @@ struct Inner {
     /// Serializes manifest rewrites.
     manifest_update: tokio::sync::Mutex<()>,
     clean_open: bool,
+    /// Validity words of the head files handed to local controllers (see
+    /// [`Store::local_head`]); all revoked when the chain changes.
+    local_grants: Mutex<Vec<std::sync::Weak<Validity>>>,
     /// Holds the `flock` that keeps other processes out.
     _lock_file: File,
 }
@@ -282,6 +286,7 @@ impl Store {
             manifest: Mutex::new(opened.manifest),
             manifest_update: tokio::sync::Mutex::new(()),
             clean_open,
+            local_grants: Mutex::new(Vec::new()),
             _lock_file: opened.lock_file,
         };
         let marked = intent::marked_regions(&opened.intent_bytes, inner.intent.regions());
@@ -512,6 +517,40 @@ impl Store {
         })
         .await
         .map_err(|e| e.with_op(Op::Flush))
+    }
+}
+
+/// The head files a local controller may read directly (see
+/// [`jiva_core::local`]), with the word that says it still may.
+#[derive(Debug)]
+pub struct LocalGrant {
+    pub data: File,
+    pub records: File,
+    pub validity: Arc<Validity>,
+}
+
+impl Store {
+    /// Read-only descriptors of the head layer's files and a new validity
+    /// word, if the chain is the head alone (with snapshots below, blocks
+    /// the head lacks are the snapshots', which a direct reader would see
+    /// as zeros). The word is revoked when the chain next changes.
+    pub fn local_head(&self) -> Result<Option<LocalGrant>> {
+        let inner = &self.inner;
+        // Held over the registration, so that no chain change slips in
+        // between the check and the grant.
+        let chain = inner.chain.read().unwrap_or_else(PoisonError::into_inner);
+        let [head] = chain.as_slice() else { return Ok(None) };
+        let open = |name: String| {
+            File::open(inner.dir.join(&name))
+                .map_err(|e| Error::new(ErrorKind::Io, format!("cannot open {name} for a local reader: {e}")))
+        };
+        let data = open(format::data_file_name(head.id))?;
+        let records = open(format::records_file_name(head.id))?;
+        let validity = Arc::new(Validity::new().map_err(Error::from)?);
+        let mut grants = inner.local_grants.lock().unwrap_or_else(PoisonError::into_inner);
+        grants.retain(|g| g.strong_count() > 0);
+        grants.push(Arc::downgrade(&validity));
+        Ok(Some(LocalGrant { data, records, validity }))
     }
 }
 
@@ -767,7 +806,15 @@ impl Inner {
     }
 
     fn set_chain(&self, chain: Vec<Arc<Layer>>) {
-        *self.chain.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(chain);
+        let mut current = self.chain.write().unwrap_or_else(PoisonError::into_inner);
+        // Before the new chain takes a single write: controllers reading
+        // the old head's files directly must stop first.
+        for grant in self.local_grants.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
+            if let Some(word) = grant.upgrade() {
+                word.revoke();
+            }
+        }
+        *current = Arc::new(chain);
     }
 
     fn head(&self) -> Arc<Layer> {

@@ -1,0 +1,161 @@
+//! Short-circuit reads (`jiva_core::local`): a controller on the same
+//! machine reads the replica's head files itself, gets the same bytes the
+//! replica would send, and stops the moment the files could be stale.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use jiva_core::remote::{self, RemoteOptions, RemoteReplica};
+use jiva_core::replica::Replica;
+use jiva_core::shm::ShmPool;
+use jiva_core::{BlockDevice, ErrorKind, ZeroFlags};
+use jiva_replica::server::{Faults, ReplicaServer};
+use jiva_replica::{Store, StoreOptions};
+
+const SIZE: u64 = 16 << 20;
+
+struct Running {
+    addr: String,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start(faults: Faults) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), SIZE, StoreOptions::default()).await.unwrap();
+    let server = Arc::new(ReplicaServer::new(Arc::new(store)).with_faults(faults));
+    let path = dir.path().join("replica.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.serve_unix(listener, async move {
+        let _ = rx.await;
+    }));
+    Running { addr: format!("{}{}", remote::UNIX_PREFIX, path.display()), _dir: dir, _stop: tx }
+}
+
+async fn connect(r: &Running, epoch: u64, opts: RemoteOptions) -> RemoteReplica {
+    let pool = ShmPool::new(4 << 20).unwrap();
+    RemoteReplica::connect_shared(&r.addr, "vol", SIZE, epoch, opts, Some(pool)).await.unwrap()
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i / 7) as u8 ^ seed).collect()
+}
+
+/// Reads `len` at `offset` and checks both the bytes and that the read was
+/// served from the files (`local`) or not.
+async fn expect_read(rep: &RemoteReplica, offset: u64, want: &[u8], local: bool) {
+    let before = rep.local_reads();
+    let got = rep.read(offset, want.len()).await.unwrap();
+    assert!(got[..] == want[..], "wrong data at {offset}");
+    assert_eq!(rep.local_reads() > before, local, "read at {offset}: served locally?");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_come_from_the_head_files_with_the_replicas_answers() {
+    let r = start(Faults::default()).await;
+    let rep = connect(&r, 1, RemoteOptions::default()).await;
+    assert!(rep.reads_locally());
+
+    rep.write(0, Bytes::from(pattern(1, 65536)), false).await.unwrap();
+    rep.write(1 << 20, Bytes::from(pattern(2, 4096)), false).await.unwrap();
+    // Blocks allocated as zeros, and trimmed ones, read as zeros.
+    rep.write(2 << 20, Bytes::from(pattern(3, 8192)), false).await.unwrap();
+    rep.write_zeroes(2 << 20, 4096, ZeroFlags::default()).await.unwrap();
+    rep.write(3 << 20, Bytes::from(pattern(4, 8192)), false).await.unwrap();
+    rep.trim(3 << 20, 4096, false).await.unwrap();
+
+    expect_read(&rep, 0, &pattern(1, 65536), true).await;
+    expect_read(&rep, 8192, &pattern(1, 65536)[8192..16384], true).await;
+    expect_read(&rep, 1 << 20, &pattern(2, 4096), true).await;
+    let mut zeroed = pattern(3, 8192);
+    zeroed[..4096].fill(0);
+    expect_read(&rep, 2 << 20, &zeroed, true).await;
+    let mut trimmed = pattern(4, 8192);
+    trimmed[..4096].fill(0);
+    expect_read(&rep, 3 << 20, &trimmed, true).await;
+    // Unaligned and large reads go over the socket, and agree.
+    expect_read(&rep, 100, &pattern(1, 65536)[100..5000], false).await;
+    let mut big = pattern(1, 65536);
+    big.resize(256 << 10, 0);
+    expect_read(&rep, 0, &big, false).await;
+
+    // A controller told not to gets the files' offer but reads over the socket.
+    let off = connect(&r, 2, RemoteOptions { local_reads: false, ..RemoteOptions::default() }).await;
+    assert!(!off.reads_locally());
+    expect_read(&off, 0, &pattern(1, 65536), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_stops_them_before_the_new_head_is_written() {
+    let r = start(Faults::default()).await;
+    let rep = connect(&r, 1, RemoteOptions::default()).await;
+    rep.write(0, Bytes::from(pattern(1, 8192)), false).await.unwrap();
+    expect_read(&rep, 0, &pattern(1, 8192), true).await;
+
+    rep.create_snapshot("s1", false, 0).await.unwrap();
+    // The old head's files still hold the old data: it must not be read.
+    rep.write(0, Bytes::from(pattern(2, 4096)), false).await.unwrap();
+    let mut want = pattern(1, 8192);
+    want[..4096].copy_from_slice(&pattern(2, 4096));
+    expect_read(&rep, 0, &want, false).await;
+    assert!(!rep.reads_locally());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_controller_stops_an_older_ones_reads() {
+    let r = start(Faults::default()).await;
+    let old = connect(&r, 1, RemoteOptions::default()).await;
+    old.write(0, Bytes::from(pattern(1, 4096)), false).await.unwrap();
+    expect_read(&old, 0, &pattern(1, 4096), true).await;
+
+    let new = connect(&r, 2, RemoteOptions::default()).await;
+    new.write(0, Bytes::from(pattern(2, 4096)), false).await.unwrap();
+    let e = old.read(0, 4096).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Fenced, "{e}");
+    assert!(!old.reads_locally(), "the fenced controller may still read the files");
+    expect_read(&new, 0, &pattern(2, 4096), true).await;
+}
+
+#[tokio::test]
+async fn injected_read_faults_are_not_bypassed() {
+    let r = start(Faults::parse("0").unwrap()).await;
+    let rep = connect(&r, 1, RemoteOptions::default()).await;
+    assert!(!rep.reads_locally());
+    rep.write(0, Bytes::from(pattern(1, 4096)), false).await.unwrap();
+    assert_eq!(rep.read(0, 4096).await.unwrap_err().kind(), ErrorKind::Io);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_racing_writes_see_whole_blocks_never_corruption() {
+    let r = start(Faults::default()).await;
+    let rep = Arc::new(connect(&r, 1, RemoteOptions::default()).await);
+    const LEN: usize = 16384;
+    let (a, b) = (pattern(1, LEN), pattern(2, LEN));
+    rep.write(0, Bytes::from(a.clone()), false).await.unwrap();
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let writer = {
+        let (rep, a, b) = (rep.clone(), a.clone(), b.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let data = if n.is_multiple_of(2) { &b } else { &a };
+                rep.write(0, Bytes::from(data.clone()), false).await.unwrap();
+                n += 1;
+            }
+        })
+    };
+    let mut reads = 0;
+    while Instant::now() < deadline {
+        let got = rep.read(0, LEN).await.unwrap();
+        for (i, block) in got.chunks(4096).enumerate() {
+            let at = i * 4096..(i + 1) * 4096;
+            assert!(block == &a[at.clone()] || block == &b[at], "block {i} is neither write");
+        }
+        reads += 1;
+    }
+    writer.await.unwrap();
+    assert!(reads > 100);
+    assert!(rep.local_reads() > 0, "no read was served from the files");
+}
