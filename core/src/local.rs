@@ -37,10 +37,11 @@ use crate::pipe::cvt;
 use crate::record::{RECORD_SIZE, decode_record};
 use crate::shm::Mapping;
 
-/// Reads larger than this go over the socket: the replica's process then
-/// copies and checks the blocks beside the controller's thread, which
-/// matters more than the round trip once a read is large.
-pub const MAX_LOCAL_READ: usize = 64 * 1024;
+/// Reads larger than this go over the socket.
+pub const MAX_LOCAL_READ: usize = 1024 * 1024;
+/// Reads up to this size are served on the caller's thread; larger ones
+/// on tokio's blocking pool, beside the runtime thread's other work.
+pub const INLINE_LOCAL_READ: usize = 256 * 1024;
 
 const BS: usize = BLOCK_SIZE as usize;
 const REC: usize = RECORD_SIZE as usize;
@@ -173,7 +174,7 @@ impl LocalHead {
         }
         // SAFETY: preadv2 initialised the first `len` bytes.
         unsafe { data.set_len(len) };
-        let mut records = [0u8; MAX_BLOCKS * REC];
+        let mut records = vec![0u8; MAX_BLOCKS * REC];
         let rec_len = count * REC;
         let at = offset / BS as u64 * REC as u64;
         // SAFETY: `records` has at least `rec_len` bytes, ours for the call.

@@ -210,7 +210,7 @@ pub struct RemoteReplica {
     /// Memory this replica puts READ replies in, if it mapped it.
     reads: Option<Arc<ShmPool>>,
     /// The replica's head files, while it lets us read them directly.
-    local: Option<LocalHead>,
+    local: Option<Arc<LocalHead>>,
 }
 
 impl std::fmt::Debug for RemoteReplica {
@@ -422,6 +422,7 @@ impl RemoteReplica {
         let reads = reads.filter(|_| reply.flags & wire::HELLO_SHM_READ != 0);
         let local = match reply.flags & wire::HELLO_LOCAL_READS != 0 && opts.local_reads {
             true => LocalHead::open(local_fds)
+                .map(Arc::new)
                 .map_err(|e| tracing::warn!("not reading replica {addr}'s files directly: {e}"))
                 .ok(),
             false => None,
@@ -642,18 +643,24 @@ impl RemoteReplica {
 
     /// A READ served from the replica's head files directly (see
     /// [`crate::local`]); `None` where it must go over the socket.
-    fn read_local(&self, offset: u64, len: usize) -> Option<Bytes> {
+    async fn read_local(&self, offset: u64, len: usize) -> Option<Bytes> {
         let local = self.local.as_ref()?;
         // A replica that went away can no longer revoke the files.
-        if !self.is_connected() {
+        if !self.is_connected() || len > crate::local::MAX_LOCAL_READ {
             return None;
         }
-        local.read(offset, len)
+        if len <= crate::local::INLINE_LOCAL_READ {
+            return local.read(offset, len);
+        }
+        // Large: copied and checked on the blocking pool, beside the
+        // runtime thread's other work.
+        let local = Arc::clone(local);
+        tokio::task::spawn_blocking(move || local.read(offset, len)).await.ok().flatten()
     }
 
     /// READs served from the replica's head files directly so far.
     pub fn local_reads(&self) -> u64 {
-        self.local.as_ref().map_or(0, LocalHead::served)
+        self.local.as_ref().map_or(0, |l| l.served())
     }
 
     /// Whether this connection reads the replica's head files directly now.
@@ -863,7 +870,7 @@ impl BlockDevice for RemoteReplica {
     }
 
     async fn read_payload(&self, offset: u64, len: usize) -> Result<Payload> {
-        if let Some(data) = self.read_local(offset, len) {
+        if let Some(data) = self.read_local(offset, len).await {
             return Ok(Payload::Bytes(data));
         }
         if let Some(data) = self.read_shared(offset, len).await {
@@ -882,7 +889,7 @@ impl BlockDevice for RemoteReplica {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        if let Some(data) = self.read_local(offset, len) {
+        if let Some(data) = self.read_local(offset, len).await {
             return Ok(data);
         }
         if let Some(data) = self.read_shared(offset, len).await {
