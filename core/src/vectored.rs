@@ -68,12 +68,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
         } else {
             w.write_vectored(&[IoSlice::new(head), IoSlice::new(data)]).await?
         };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let from_head = n.min(head.len());
-        head = &head[from_head..];
-        data = &data[n - from_head..];
+        consume(&mut head, &mut data, n)?;
     }
     Ok(())
 }
@@ -121,14 +116,20 @@ pub fn send_frame_blocking(
                 _ => return Err(e),
             }
         }
-        let n = n as usize;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let from_head = n.min(head.len());
-        head = &head[from_head..];
-        data = &data[n - from_head..];
+        consume(&mut head, &mut data, n as usize)?;
     }
+    Ok(())
+}
+
+/// Drops the first `n` bytes written from the front of `head` then `data`;
+/// a write of nothing is an error (the stream takes no more).
+fn consume(head: &mut &[u8], data: &mut &[u8], n: usize) -> io::Result<()> {
+    if n == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    let from_head = n.min(head.len());
+    *head = &head[from_head..];
+    *data = &data[n - from_head..];
     Ok(())
 }
 
