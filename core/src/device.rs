@@ -101,6 +101,21 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes>> + Send;
 
+    /// Serves a read on the calling thread, which may block (a frontend
+    /// calls it from a blocking thread), where the device can do so without
+    /// waiting on anything but memory: a local replica's cached head files
+    /// (see [`crate::local`]). `None` where the read must go through
+    /// [`BlockDevice::read`] instead; the default, for devices that cannot.
+    fn read_at_once(&self, _offset: u64, _len: usize) -> Option<Bytes> {
+        None
+    }
+
+    /// Whether [`BlockDevice::read_at_once`] may serve reads of `len` bytes
+    /// now: a cheap hint for a frontend choosing where to run a read.
+    fn reads_at_once(&self, _len: usize) -> bool {
+        false
+    }
+
     /// Like [`BlockDevice::read`], for a caller that can splice the data
     /// onward: devices that can hand it over in a pipe (see
     /// [`crate::pipe`]) do so for large reads. The default reads.
@@ -181,6 +196,12 @@ impl<D: BlockDevice> BlockDevice for Arc<D> {
     }
     fn read_payload(&self, offset: u64, len: usize) -> impl Future<Output = Result<Payload>> + Send {
         (**self).read_payload(offset, len)
+    }
+    fn read_at_once(&self, offset: u64, len: usize) -> Option<Bytes> {
+        (**self).read_at_once(offset, len)
+    }
+    fn reads_at_once(&self, len: usize) -> bool {
+        (**self).reads_at_once(len)
     }
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send {
         (**self).write(offset, data, fua)

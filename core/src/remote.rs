@@ -644,13 +644,13 @@ impl RemoteReplica {
     /// A READ served from the replica's head files directly (see
     /// [`crate::local`]); `None` where it must go over the socket.
     async fn read_local(&self, offset: u64, len: usize) -> Option<Bytes> {
+        if len <= crate::local::INLINE_LOCAL_READ {
+            return self.read_at_once(offset, len);
+        }
         let local = self.local.as_ref()?;
         // A replica that went away can no longer revoke the files.
         if !self.is_connected() || len > crate::local::MAX_LOCAL_READ {
             return None;
-        }
-        if len <= crate::local::INLINE_LOCAL_READ {
-            return local.read(offset, len);
         }
         // Large: copied and checked on the blocking pool, beside the
         // runtime thread's other work.
@@ -886,6 +886,19 @@ impl BlockDevice for RemoteReplica {
         let data = self.exchange(req, self.opts.request_timeout, Some(sink)).await?;
         self.check_read_len(offset, len, data.len())?;
         Ok(data)
+    }
+
+    fn read_at_once(&self, offset: u64, len: usize) -> Option<Bytes> {
+        let local = self.local.as_ref()?;
+        // A replica that went away can no longer revoke the files.
+        if !self.is_connected() {
+            return None;
+        }
+        local.read(offset, len)
+    }
+
+    fn reads_at_once(&self, len: usize) -> bool {
+        len <= crate::local::MAX_LOCAL_READ && self.reads_locally()
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {

@@ -1776,6 +1776,36 @@ impl<C: Connector> BlockDevice for Volume<C> {
         self.read_from_one(offset, len, |link| async move { link.read(offset, len).await }).await
     }
 
+    fn read_at_once(&self, offset: u64, len: usize) -> Option<Bytes> {
+        // Anything but the plain case goes the async way, which waits.
+        // (A read that slips past a pause that begins meanwhile is one in
+        // flight when it began; a chain change revokes the files it reads.)
+        if self.is_paused() || self.healthy_count() < self.opts.min_healthy.max(1) {
+            return None;
+        }
+        // One member, taken in turn as the async reads take them: where it
+        // cannot (not cached, a checksum mismatch), the async way decides,
+        // so a corrupt copy is still found out and repaired there.
+        let (m, link) = {
+            let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
+            let n = members.len().max(1);
+            let start = self.next_read.fetch_add(1, Ordering::Relaxed);
+            (0..members.len()).map(|i| &members[(start + i) % n]).find_map(|m| {
+                let link = m.link().filter(|l| m.is_healthy() && l.reads_at_once(len))?;
+                Some((Arc::clone(m), link))
+            })?
+        };
+        let _in_flight = InFlight::new(&m.in_flight);
+        let data = link.read_at_once(offset, len)?;
+        m.reads.fetch_add(1, Ordering::Relaxed);
+        Some(data)
+    }
+
+    fn reads_at_once(&self, len: usize) -> bool {
+        let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
+        members.iter().any(|m| m.is_healthy() && m.link().is_some_and(|l| l.reads_at_once(len)))
+    }
+
     async fn read_payload(&self, offset: u64, len: usize) -> Result<Payload> {
         self.read_from_one(offset, len, |link| async move { link.read_payload(offset, len).await }).await
     }

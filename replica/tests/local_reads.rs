@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use jiva_core::remote::{self, RemoteOptions, RemoteReplica};
+use jiva_core::remote::{self, RemoteConnector, RemoteOptions, RemoteReplica};
 use jiva_core::replica::Replica;
 use jiva_core::shm::ShmPool;
+use jiva_core::volume::{Volume, VolumeOptions};
 use jiva_core::{BlockDevice, ErrorKind, ZeroFlags};
 use jiva_replica::server::{Faults, ReplicaServer};
 use jiva_replica::{Store, StoreOptions};
@@ -163,4 +164,50 @@ async fn reads_racing_writes_see_whole_blocks_never_corruption() {
     writer.await.unwrap();
     assert!(reads > 100);
     assert!(rep.local_reads() > 0, "no read was served from the files");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_reads_at_once_only_while_its_local_replica_allows_it() {
+    let r = start(Faults::default()).await;
+    let connector = RemoteConnector {
+        volume: "vol".into(),
+        size: SIZE,
+        opts: RemoteOptions::default(),
+        shm: Some(ShmPool::new(8 << 20).unwrap()),
+    };
+    let vol =
+        Volume::open("vol", SIZE, 1, connector, std::slice::from_ref(&r.addr), VolumeOptions::default())
+            .await
+            .unwrap();
+    let data = pattern(7, 1 << 20);
+    vol.write(1 << 20, Bytes::from(data.clone()), false).await.unwrap();
+
+    // On the calling (blocking) thread, the replica's bytes.
+    assert!(vol.reads_at_once(1 << 20));
+    let (v, d) = (Arc::clone(&vol), data.clone());
+    tokio::task::spawn_blocking(move || {
+        let got = v.read_at_once(1 << 20, 1 << 20).expect("served at once");
+        assert!(got[..] == d[..]);
+        let got = v.read_at_once((1 << 20) + 4096, 8192).expect("served at once");
+        assert!(got[..] == d[4096..12288]);
+        // Unaligned, or larger than the files are read for: the async way.
+        assert!(v.read_at_once((1 << 20) + 100, 4096).is_none());
+        assert!(!v.reads_at_once(2 << 20));
+    })
+    .await
+    .unwrap();
+
+    // Paused (a snapshot being taken): not at once.
+    vol.pause().await;
+    assert!(vol.read_at_once(1 << 20, 4096).is_none(), "read at once while paused");
+    vol.resume();
+    assert!(vol.read_at_once(1 << 20, 4096).is_some());
+
+    // After a snapshot the head files are no longer the volume's.
+    vol.snapshot_create("s1").await.unwrap();
+    vol.write(1 << 20, Bytes::from(pattern(8, 4096)), false).await.unwrap();
+    assert!(!vol.reads_at_once(4096));
+    assert!(vol.read_at_once(1 << 20, 4096).is_none(), "read the old head at once");
+    assert!(vol.read(1 << 20, 4096).await.unwrap()[..] == pattern(8, 4096)[..]);
+    vol.shutdown().await.unwrap();
 }

@@ -34,7 +34,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -52,6 +52,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::exports::{Exports, NoExports};
 use crate::proto::*;
+use turn::SendTurn;
 
 /// Default time a client has to finish the handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -607,10 +608,14 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
             Some(SpliceFds { out, inp }) => (Some(out), Some(inp)),
             None => (None, None),
         };
-        // Large replies are sent from a blocking thread through this
-        // duplicate of the socket (see OFFLOAD_REPLY_BYTES).
-        let offload = splice_out.as_ref().and_then(|fd| fd.get_ref().try_clone().ok()).map(Arc::new);
-        let mut writer = tokio::spawn(write_replies(wr, rx, splice_out, offload));
+        // Large replies are sent from blocking threads through a duplicate
+        // of the socket (see OFFLOAD_REPLY_BYTES), taking turns with the
+        // writer task.
+        let direct = splice_out
+            .as_ref()
+            .and_then(|fd| fd.get_ref().try_clone().ok())
+            .map(|fd| Arc::new(SendTurn::new(fd)));
+        let mut writer = tokio::spawn(write_replies(wr, rx, splice_out, direct.clone()));
         let limits = Limits {
             slots: Arc::new(Semaphore::new(self.max_in_flight)),
             buffers: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES as usize)),
@@ -632,7 +637,7 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
                     () = &mut stop => break Ok(()),
                     // The writer ended (the client stopped reading or went away).
                     () = &mut writer_gone => break Ok(()),
-                    step = next_request(&mut rd, splice_in.as_ref(), &conn, &tx, &limits, &mut tasks) => step,
+                    step = next_request(&mut rd, splice_in.as_ref(), direct.as_ref(), &conn, &tx, &limits, &mut tasks) => step,
                 };
                 match step {
                     Ok(Step::Continue) => {}
@@ -649,9 +654,27 @@ impl<D: BlockDevice, X: Exports> NbdServer<D, X> {
             }
         };
 
-        // Finish every accepted request; each queues its reply.
-        while let Some(done) = tasks.join_next().await {
-            log_join_error(done, "request");
+        // Finish every accepted request; each queues its reply, or sends
+        // it: those stop once the turn closes, so a client that stopped
+        // reading cannot hold them.
+        {
+            let close_late = async {
+                tokio::time::sleep(REPLY_DRAIN_TIMEOUT).await;
+                if let Some(direct) = &direct {
+                    direct.close();
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::pin!(close_late);
+            loop {
+                tokio::select! {
+                    done = tasks.join_next() => match done {
+                        Some(done) => log_join_error(done, "request"),
+                        None => break,
+                    },
+                    () = &mut close_late => {}
+                }
+            }
         }
         drop(tx);
         // Bounded, so a client that stopped reading cannot pin the session.
@@ -830,17 +853,24 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     splice: Option<SpliceFd>,
-    offload: Option<Arc<OwnedFd>>,
+    direct: Option<Arc<SendTurn>>,
 ) -> io::Result<()> {
-    // Stops a frame still being sent off the runtime when this task ends.
-    struct Cancel(Arc<AtomicBool>);
-    impl Drop for Cancel {
+    // Stops frames still being sent off the runtime when this task ends.
+    struct Close(Option<Arc<SendTurn>>);
+    impl Drop for Close {
         fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
+            if let Some(direct) = &self.0 {
+                direct.close();
+            }
         }
     }
-    let cancel = Cancel(Arc::new(AtomicBool::new(false)));
+    let _close = Close(direct.clone());
     while let Some(mut msg) = rx.recv().await {
+        // Held until what this batch wrote is flushed.
+        let _turn = match &direct {
+            Some(direct) => Some(direct.take().await),
+            None => None,
+        };
         loop {
             match msg.data.take() {
                 Some(Payload::Piped(mut pipe)) => match &splice {
@@ -853,14 +883,14 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                     }
                     None => jiva_core::vectored::write_frame(&mut wr, &msg.head, &pipe.into_bytes()?).await?,
                 },
-                Some(Payload::Bytes(data)) if data.len() >= OFFLOAD_REPLY_BYTES && offload.is_some() => {
-                    let Some(fd) = &offload else { unreachable!() };
+                Some(Payload::Bytes(data)) if data.len() >= OFFLOAD_REPLY_BYTES && direct.is_some() => {
+                    let Some(direct) = &direct else { unreachable!() };
                     // In order: everything buffered first.
                     wr.flush().await?;
-                    let (fd, cancel) = (Arc::clone(fd), Arc::clone(&cancel.0));
+                    let direct = Arc::clone(direct);
                     let head = std::mem::take(&mut msg.head);
                     tokio::task::spawn_blocking(move || {
-                        jiva_core::vectored::send_frame_blocking(fd.as_fd(), &head, &data, &cancel)
+                        jiva_core::vectored::send_frame_blocking(direct.fd(), &head, &data, direct.closed())
                     })
                     .await
                     .map_err(io::Error::other)??;
@@ -898,9 +928,11 @@ async fn read_request_header<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<Opt
 /// Reads one request (and its payload) and either answers it at once or
 /// hands it to a task. Cancelling this future loses at most the request
 /// being read, which only happens when the session is ending anyway.
+#[allow(clippy::too_many_arguments)]
 async fn next_request<R, D>(
     rd: &mut BufReader<R>,
     splice_in: Option<&SpliceFd>,
+    direct: Option<&Arc<SendTurn>>,
     conn: &Arc<Conn<D>>,
     tx: &mpsc::UnboundedSender<Outgoing>,
     limits: &Limits,
@@ -962,6 +994,25 @@ where
         // len <= MAX_IO_BYTES, checked by validate().
         buffer = acquire_bytes(&limits.buffers, u32::try_from(len).unwrap_or(MAX_IO_BYTES)).await;
     }
+    if let IoOp::Read { offset, len } = op
+        && let Some(direct) = direct
+        && len >= OFFLOAD_REPLY_BYTES
+        && conn.device.reads_at_once(len)
+    {
+        let (conn, tx, direct) = (Arc::clone(conn), tx.clone(), Arc::clone(direct));
+        tasks.spawn(async move {
+            let sent = {
+                let conn = Arc::clone(&conn);
+                tokio::task::spawn_blocking(move || send_at_once(&conn, &req, offset, len, &direct)).await
+            };
+            if sent.unwrap_or(false) {
+                return;
+            }
+            let (head, data) = conn.execute(&req, op).await;
+            let _ = tx.send(Outgoing { head, data, _slot: slot, _buffer: buffer });
+        });
+        return Ok(Step::Continue);
+    }
     let conn = Arc::clone(conn);
     let tx = tx.clone();
     tasks.spawn(async move {
@@ -970,6 +1021,31 @@ where
         let _ = tx.send(Outgoing { head, data, _slot: slot, _buffer: buffer });
     });
     Ok(Step::Continue)
+}
+
+/// Serves a large READ on this blocking thread where the device can read
+/// it at once, and sends its reply from here too (see [`SendTurn`]): true
+/// if it did (or the session ended meanwhile), false where the read must go
+/// the async way.
+fn send_at_once<D: BlockDevice>(
+    conn: &Conn<D>,
+    req: &Request,
+    offset: u64,
+    len: usize,
+    direct: &SendTurn,
+) -> bool {
+    let Some(data) = conn.device.read_at_once(offset, len).filter(|data| data.len() == len) else {
+        return false;
+    };
+    let (head, data) = conn.reply_ok(req, Some(data));
+    let Some(_turn) = direct.take_blocking() else { return true };
+    let data = data.as_deref().unwrap_or_default();
+    if let Err(e) = jiva_core::vectored::send_frame_blocking(direct.fd(), &head, data, direct.closed()) {
+        // Maybe cut short: nothing may follow part of a frame.
+        debug!(error = %e, "sending a READ reply failed");
+        direct.abort();
+    }
+    true
 }
 
 /// Payload bytes still to come from which [`receive_bytes`] reads straight
@@ -1325,3 +1401,4 @@ impl<D: BlockDevice> Conn<D> {
 
 #[cfg(test)]
 mod tests;
+mod turn;

@@ -1215,3 +1215,138 @@ async fn piped_read_replies_are_spliced_in_order_with_the_others() {
         assert!(got[..] == data[offset as usize..(offset + u64::from(len)) as usize], "cookie {}", r.cookie);
     }
 }
+
+/// A device that serves some large reads at once (on the caller's thread,
+/// as a volume with a local replica does) and leaves the others to the
+/// async path: those at offsets in an odd MiB. Counts both.
+struct AtOnceDevice {
+    mem: MemDevice,
+    at_once: AtomicUsize,
+    later: AtomicUsize,
+}
+
+impl BlockDevice for AtOnceDevice {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.mem.capabilities()
+    }
+    fn read_at_once(&self, offset: u64, len: usize) -> Option<Bytes> {
+        if (offset >> 20) % 2 == 1 {
+            return None;
+        }
+        self.at_once.fetch_add(1, Ordering::SeqCst);
+        let mut out = vec![0u8; len];
+        // MemDevice's read completes at its first poll.
+        let data = futures_lite_now(self.mem.read(offset, len)).unwrap();
+        out.copy_from_slice(&data);
+        Some(out.into())
+    }
+    fn reads_at_once(&self, _len: usize) -> bool {
+        true
+    }
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.later.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis((offset >> 12) % 5)).await;
+        self.mem.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.mem.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<()> {
+        self.mem.flush().await
+    }
+}
+
+/// Polls a future that completes at once, without a runtime.
+fn futures_lite_now<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => panic!("the read did not complete at once"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_served_at_once_are_sent_whole_among_the_other_replies() {
+    let dev = Arc::new(AtOnceDevice { mem: MemDevice::new(8 << 20), at_once: 0.into(), later: 0.into() });
+    let (_server, mut sock) = tcp_session(Arc::clone(&dev)).await;
+    let data = pattern(5, 8 << 20);
+    dev.mem.write(0, Bytes::from(data.clone()), false).await.unwrap();
+
+    // Large reads served at once and large ones that are not, small reads
+    // and writes (of data already there), all pipelined.
+    let mut expect = std::collections::HashMap::new();
+    let mut stream = Vec::new();
+    for i in 0..160u64 {
+        let (command, offset, len) = match i % 4 {
+            0 => (CMD_READ, (i % 8) << 20, 1 << 20),
+            1 => (CMD_READ, ((i % 7) << 20) + 4096 * (i % 3), 256 << 10),
+            2 => (CMD_READ, 4096 * i, 4096),
+            _ => (CMD_WRITE, 8192 * i, 8192),
+        };
+        stream.extend_from_slice(&req(command, i, offset, len).encode());
+        if command == CMD_WRITE {
+            stream.extend_from_slice(&data[offset as usize..offset as usize + len as usize]);
+        }
+        expect.insert(i, (command, offset, len));
+    }
+    let (mut rd, mut wr) = sock.split();
+    let send = async {
+        wr.write_all(&stream).await.unwrap();
+    };
+    let receive = async {
+        let mut reply = [0u8; SimpleReply::LEN];
+        for n in 0..expect.len() {
+            // Slow now and then, so the socket fills and senders wait for
+            // room: the moments a frame could be cut into.
+            if n % 8 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::io::AsyncReadExt::read_exact(&mut rd, &mut reply).await.unwrap();
+            let r = SimpleReply::parse(&reply).expect("a reply header where one belongs");
+            assert_eq!(r.error, 0);
+            let (command, offset, len) = expect.remove(&r.cookie).expect("a known cookie, once");
+            if command == CMD_READ {
+                let mut got = vec![0u8; len as usize];
+                tokio::io::AsyncReadExt::read_exact(&mut rd, &mut got).await.unwrap();
+                assert!(
+                    got[..] == data[offset as usize..(offset + u64::from(len)) as usize],
+                    "cookie {}",
+                    r.cookie
+                );
+            }
+        }
+    };
+    tokio::join!(send, receive);
+    assert!(expect.is_empty());
+    assert!(dev.at_once.load(Ordering::SeqCst) > 0, "no read was served at once");
+    assert!(dev.later.load(Ordering::SeqCst) > 0, "every read was served at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_and_leaves_does_not_hold_reads_sent_at_once() {
+    let dev = Arc::new(AtOnceDevice { mem: MemDevice::new(8 << 20), at_once: 0.into(), later: 0.into() });
+    let (server, mut sock) = tcp_session(Arc::clone(&dev)).await;
+    // More large replies than the socket buffers hold; none is read.
+    for i in 0..32u64 {
+        sock.write_all(&req(CMD_READ, i, (i % 4) << 21, 1 << 20).encode()).await.unwrap();
+    }
+    for _ in 0..200 {
+        if dev.at_once.load(Ordering::SeqCst) >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(dev.at_once.load(Ordering::SeqCst) >= 4);
+    drop(sock);
+    for _ in 0..500 {
+        if server.clients() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.clients(), 0, "the session did not end");
+}
