@@ -41,6 +41,9 @@ pub(super) struct SendTurn {
 struct State {
     held: bool,
     writer_waiting: bool,
+    /// Blocking takers waiting: woken only if there are any (a wake-up
+    /// is a system call).
+    blocked: usize,
 }
 
 /// The right to write to the socket, until dropped.
@@ -97,12 +100,22 @@ impl SendTurn {
                 state.held = true;
                 return Some(Turn(self));
             }
+            state.blocked += 1;
             state = self.freed.wait_timeout(state, CHECK_CLOSED).unwrap_or_else(PoisonError::into_inner).0;
+            state.blocked -= 1;
         }
     }
 
     /// Waits for the turn in the writer task.
     pub(super) async fn take(&self) -> Turn<'_> {
+        // Mostly free: taken without registering a waiter.
+        {
+            let mut state = self.lock();
+            if !state.held {
+                state.held = true;
+                return Turn(self);
+            }
+        }
         loop {
             let freed = self.freed_async.notified();
             tokio::pin!(freed);
@@ -122,14 +135,14 @@ impl SendTurn {
     }
 
     fn release(&self) {
-        let writer_waiting = {
+        let (writer_waiting, blocked) = {
             let mut state = self.lock();
             state.held = false;
-            state.writer_waiting
+            (state.writer_waiting, state.blocked)
         };
         if writer_waiting {
             self.freed_async.notify_waiters();
-        } else {
+        } else if blocked > 0 {
             self.freed.notify_one();
         }
     }
