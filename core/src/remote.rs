@@ -647,11 +647,10 @@ impl RemoteReplica {
         if len <= crate::local::INLINE_LOCAL_READ {
             return self.read_at_once(offset, len);
         }
-        let local = self.local.as_ref()?;
-        // A replica that went away can no longer revoke the files.
-        if !self.is_connected() || len > crate::local::MAX_LOCAL_READ {
+        if !self.reads_at_once(len) {
             return None;
         }
+        let local = self.local.as_ref()?;
         // Large: copied and checked on the blocking pool, beside the
         // runtime thread's other work.
         let local = Arc::clone(local);

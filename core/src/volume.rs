@@ -1783,18 +1783,10 @@ impl<C: Connector> BlockDevice for Volume<C> {
         if self.is_paused() || self.healthy_count() < self.opts.min_healthy.max(1) {
             return None;
         }
-        // One member, taken in turn as the async reads take them: where it
-        // cannot (not cached, a checksum mismatch), the async way decides,
-        // so a corrupt copy is still found out and repaired there.
-        let (m, link) = {
-            let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
-            let n = members.len().max(1);
-            let start = self.next_read.fetch_add(1, Ordering::Relaxed);
-            (0..members.len()).map(|i| &members[(start + i) % n]).find_map(|m| {
-                let link = m.link().filter(|l| m.is_healthy() && l.reads_at_once(len))?;
-                Some((Arc::clone(m), link))
-            })?
-        };
+        // One member, picked as the async reads pick them: where it cannot
+        // (not cached, a checksum mismatch), the async way decides, so a
+        // corrupt copy is still found out and repaired there.
+        let (m, link) = self.read_order().find(|(_, link)| link.reads_at_once(len))?;
         let _in_flight = InFlight::new(&m.in_flight);
         let data = link.read_at_once(offset, len)?;
         m.reads.fetch_add(1, Ordering::Relaxed);
