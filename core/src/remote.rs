@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
@@ -23,7 +23,7 @@ use crate::error::{Error, ErrorKind, Op, Result};
 use crate::local::LocalHead;
 use crate::pipe::{self, Filled, Payload, Piped};
 use crate::replica::{Connector, Replica};
-use crate::shm::{ShmBuf, ShmPool};
+use crate::shm::{self, ShmBuf, ShmPool};
 use crate::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
     SnapTarget, SnapshotEntry,
@@ -207,6 +207,8 @@ pub struct RemoteReplica {
     pipes: bool,
     /// The payload memory the replica mapped, if it did.
     shm: Option<Arc<ShmPool>>,
+    /// Shared WRITEs may carry their block crcs ([`wire::FLAG_BLOCK_CRCS`]).
+    block_crcs: bool,
     /// Memory this replica puts READ replies in, if it mapped it.
     reads: Option<Arc<ShmPool>>,
     /// The replica's head files, while it lets us read them directly.
@@ -420,6 +422,7 @@ impl RemoteReplica {
         }
         let shm = shm.filter(|_| reply.flags & wire::HELLO_SHM != 0);
         let reads = reads.filter(|_| reply.flags & wire::HELLO_SHM_READ != 0);
+        let block_crcs = shm.is_some() && reply.flags & wire::HELLO_BLOCK_CRCS != 0;
         let local = match reply.flags & wire::HELLO_LOCAL_READS != 0 && opts.local_reads {
             true => LocalHead::open(local_fds)
                 .map(Arc::new)
@@ -469,6 +472,7 @@ impl RemoteReplica {
             conn,
             pipes,
             shm,
+            block_crcs,
             reads,
             local,
         })
@@ -486,6 +490,12 @@ impl RemoteReplica {
     /// references (the replica mapped the pool at the handshake).
     pub fn shares_memory(&self) -> bool {
         self.shm.is_some()
+    }
+
+    /// Whether shared WRITEs carry their block crcs where the volume had
+    /// them computed ([`wire::FLAG_BLOCK_CRCS`]).
+    pub fn sends_block_crcs(&self) -> bool {
+        self.block_crcs
     }
 
     /// Whether READs come back through memory shared with the replica.
@@ -968,7 +978,22 @@ impl Replica for RemoteReplica {
         // stay as it is until the replica has answered; without an answer
         // it is retired (see `crate::shm`).
         req.flags |= wire::FLAG_SHM;
-        let data = std::mem::replace(&mut req.data, Bytes::copy_from_slice(&at.to_be_bytes()));
+        // The block crcs, where the volume had them computed for all its
+        // replicas (the replica computes them otherwise).
+        let aligned = offset.is_multiple_of(u64::from(crate::BLOCK_SIZE));
+        let crcs =
+            (crc.is_none() && self.block_crcs && aligned).then(|| pool.block_crcs(&req.data)).flatten();
+        let frame = match crcs {
+            Some(crcs) => {
+                req.flags |= wire::FLAG_BLOCK_CRCS;
+                let mut frame = BytesMut::with_capacity(shm::REF_LEN + crcs.len());
+                frame.put_u64(at);
+                frame.put_slice(&crcs);
+                frame.freeze()
+            }
+            None => Bytes::copy_from_slice(&at.to_be_bytes()),
+        };
+        let data = std::mem::replace(&mut req.data, frame);
         let hold = SharedHold { pool, data: Some(data) };
         let result = self.send(req).await;
         if !unanswered(&result) {
@@ -1132,6 +1157,12 @@ impl Connector for RemoteConnector {
 
     fn payload_buffer(&self, len: usize) -> Option<ShmBuf> {
         self.shm.as_ref()?.alloc(len)
+    }
+
+    fn share_block_crcs(&self, data: &[u8]) {
+        if let Some(pool) = &self.shm {
+            pool.compute_block_crcs(data);
+        }
     }
 }
 

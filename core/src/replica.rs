@@ -164,6 +164,15 @@ pub trait Connector: Send + Sync + 'static {
         let _ = len;
         None
     }
+
+    /// Has the block crcs of `data`, a payload from
+    /// [`Connector::payload_buffer`] that several replicas will store,
+    /// computed once for all of them (see
+    /// [`crate::shm::ShmPool::compute_block_crcs`]). The default does
+    /// nothing.
+    fn share_block_crcs(&self, data: &[u8]) {
+        let _ = data;
+    }
 }
 
 /// Regions (of `region` bytes) touched by a change of `len` bytes at `offset`.

@@ -24,8 +24,17 @@
 //! and the replica checks the seals, so no mapping of it can ever fault
 //! (`SIGBUS`) on a shortened file. A controller can still change a payload
 //! while a replica stores it; that writes data the controller could have
-//! written anyway, and the replica's block checksums are computed from
-//! what it stores.
+//! written anyway.
+//!
+//! For a payload that several replicas will store, the volume has the
+//! crc32c of each of its blocks computed once ([`ShmPool::compute_block_crcs`],
+//! kept in a table beside the pool); the replica clients send them with the
+//! reference ([`crate::wire::FLAG_BLOCK_CRCS`]) and every replica records
+//! them as its blocks' checksums instead of computing its own. (With one
+//! replica that would only move the work from the replica to the
+//! controller, whose session reader is then the busier of the two.) A
+//! payload changed after they were computed therefore reads back as
+//! corrupt rather than as the changed data.
 
 use std::fs::File;
 use std::io;
@@ -160,7 +169,16 @@ pub struct ShmPool {
     map: Mapping,
     units: Mutex<Units>,
     leaked_bytes: AtomicU64,
+    /// Per unit (one block), the crc32c of the payload block there with
+    /// [`CRC_KNOWN`] set, or 0 (not computed yet): cleared when a payload
+    /// is frozen, filled in by [`ShmPool::compute_block_crcs`].
+    crcs: Box<[AtomicU64]>,
 }
+
+/// Marks a known crc in [`ShmPool`]'s table.
+const CRC_KNOWN: u64 = 1 << 32;
+
+const _: () = assert!(UNIT == crate::BLOCK_SIZE as usize, "a pool unit is one block");
 
 impl std::fmt::Debug for ShmPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -184,7 +202,8 @@ impl ShmPool {
         cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS | libc::F_SEAL_SEAL) })?;
         let map = Mapping::new(fd.as_fd(), len, true)?;
         let units = Units { used: vec![false; len / UNIT], retired: vec![false; len / UNIT] };
-        Ok(Arc::new(ShmPool { fd, map, units: Mutex::new(units), leaked_bytes: AtomicU64::new(0) }))
+        let crcs = (0..len / UNIT).map(|_| AtomicU64::new(0)).collect();
+        Ok(Arc::new(ShmPool { fd, map, units: Mutex::new(units), leaked_bytes: AtomicU64::new(0), crcs }))
     }
 
     /// The memfd, to share with a replica.
@@ -217,6 +236,53 @@ impl ShmPool {
         Some(ShmBuf { slot: Slot { pool: self.clone(), first, units: n, len }, filled: 0 })
     }
 
+    /// Computes the crc32c of each block of `data` not computed yet, where
+    /// `data` is a block-aligned part of a frozen payload of this pool that
+    /// the caller holds (false otherwise): for a payload several replicas
+    /// will store, so that they record these instead of each computing
+    /// its own (see [`ShmPool::block_crcs`]).
+    ///
+    /// The table entries of a live payload are its own: [`ShmBuf::freeze`]
+    /// cleared them before anyone could hold it, only crcs of its blocks
+    /// are stored there after, and its units are taken again only once it
+    /// is dropped. Two callers at once store the same values.
+    pub fn compute_block_crcs(&self, data: &[u8]) -> bool {
+        let Some(entries) = self.crc_entries(data) else { return false };
+        for (entry, block) in entries.iter().zip(data.chunks_exact(UNIT)) {
+            // Relaxed: the payload's bytes are fixed, so any stored value
+            // is the one this would compute.
+            if entry.load(Ordering::Relaxed) & CRC_KNOWN == 0 {
+                entry.store(CRC_KNOWN | u64::from(crate::crc32c(block)), Ordering::Relaxed);
+            }
+        }
+        true
+    }
+
+    /// The crc32cs [`ShmPool::compute_block_crcs`] computed for the blocks
+    /// of `data`, as big-endian u32s (the frame of a WRITE with
+    /// [`crate::wire::FLAG_BLOCK_CRCS`]); `None` unless all of them are
+    /// known.
+    pub fn block_crcs(&self, data: &[u8]) -> Option<Bytes> {
+        let entries = self.crc_entries(data)?;
+        let mut out = Vec::with_capacity(entries.len() * 4);
+        for entry in entries {
+            let known = entry.load(Ordering::Relaxed);
+            if known & CRC_KNOWN == 0 {
+                return None;
+            }
+            out.extend_from_slice(&(known as u32).to_be_bytes());
+        }
+        Some(Bytes::from(out))
+    }
+
+    /// The crc table entries of `data`'s blocks, if it is whole blocks of
+    /// this pool.
+    fn crc_entries(&self, data: &[u8]) -> Option<&[AtomicU64]> {
+        let at = self.locate(data)? as usize;
+        let whole = at.is_multiple_of(UNIT) && data.len().is_multiple_of(UNIT);
+        whole.then(|| &self.crcs[at / UNIT..(at + data.len()) / UNIT])
+    }
+
     /// Where `data` lies in the pool, if it does.
     pub fn locate(&self, data: &[u8]) -> Option<u64> {
         let base = self.map.ptr.as_ptr() as usize;
@@ -227,7 +293,7 @@ impl ShmPool {
     /// Never reuses `buf`'s memory: a replica may still write into it.
     pub fn leak_buf(&self, mut buf: ShmBuf) {
         buf.filled = buf.slot.len;
-        self.leak(buf.freeze());
+        self.leak(Bytes::from_owner(buf.slot));
     }
 
     /// Never reuses `data`'s memory while this pool lives: a replica may
@@ -321,9 +387,16 @@ impl ShmBuf {
         self.filled = (self.filled + n).min(self.slot.len);
     }
 
-    /// The complete payload.
+    /// The complete payload (its block crcs not computed yet: see
+    /// [`ShmPool::compute_block_crcs`]).
     pub fn freeze(self) -> Bytes {
         debug_assert_eq!(self.filled, self.slot.len, "payload not fully received");
+        // Relaxed: whoever reads the entries got the payload from us
+        // through a synchronising hand-over.
+        let slot = &self.slot;
+        for entry in &slot.pool.crcs[slot.first..slot.first + slot.units] {
+            entry.store(0, Ordering::Relaxed);
+        }
         Bytes::from_owner(self.slot)
     }
 }
@@ -482,6 +555,62 @@ mod tests {
         assert!(map.slice(0, map.len()).is_some(), "all of it");
         assert!(map.slice(u64::MAX, 1).is_none());
         assert!(map.slice(0, 0).is_none());
+    }
+
+    fn frozen(pool: &Arc<ShmPool>, data: &[u8]) -> Bytes {
+        let mut buf = pool.alloc(data.len()).unwrap();
+        buf.unfilled().copy_from_slice(data);
+        buf.advance(data.len());
+        buf.freeze()
+    }
+
+    fn be_crcs(data: &[u8]) -> Vec<u8> {
+        data.chunks(UNIT).flat_map(|b| crate::crc32c(b).to_be_bytes()).collect()
+    }
+
+    #[test]
+    fn a_frozen_payload_carries_the_crcs_of_its_whole_blocks() {
+        let pool = ShmPool::new(8 * UNIT).unwrap();
+        let data: Vec<u8> = (0..4 * UNIT as u32).map(|i| (i * 7 % 253) as u8).collect();
+        let whole = frozen(&pool, &data);
+        assert_eq!(pool.block_crcs(&whole), None, "not computed yet");
+        assert!(pool.compute_block_crcs(&whole[UNIT..3 * UNIT]));
+        assert_eq!(pool.block_crcs(&whole), None, "not all computed");
+        assert!(pool.compute_block_crcs(&whole));
+        assert_eq!(pool.block_crcs(&whole).as_deref(), Some(&be_crcs(&data)[..]));
+        // Block-aligned parts of it too (a volume may split a write).
+        let part = whole.slice(UNIT..3 * UNIT);
+        assert_eq!(pool.block_crcs(&part).as_deref(), Some(&be_crcs(&data[UNIT..3 * UNIT])[..]));
+        assert!(!pool.compute_block_crcs(&whole[1..UNIT + 1]), "not on a block boundary");
+        assert!(!pool.compute_block_crcs(&whole[..UNIT + 1]), "not whole blocks");
+        assert!(!pool.compute_block_crcs(&data), "heap memory is not in the pool");
+        assert_eq!(pool.block_crcs(&data), None);
+        drop((whole, part));
+
+        // The same units again: the new payload's crcs, none of the old.
+        let data: Vec<u8> = (0..2 * UNIT as u32 + 100).map(|i| (i % 241) as u8).collect();
+        let short = frozen(&pool, &data);
+        assert_eq!(pool.locate(&short), Some(0), "the freed units are reused");
+        assert_eq!(pool.block_crcs(&short[..2 * UNIT]), None, "the old payload's crcs are gone");
+        assert!(pool.compute_block_crcs(&short[..2 * UNIT]));
+        assert_eq!(pool.block_crcs(&short[..2 * UNIT]).as_deref(), Some(&be_crcs(&data[..2 * UNIT])[..]));
+    }
+
+    #[test]
+    fn block_crcs_are_computed_once_per_payload() {
+        let pool = ShmPool::new(4 * UNIT).unwrap();
+        let data = vec![5u8; 2 * UNIT];
+        let payload = frozen(&pool, &data);
+        assert!(pool.compute_block_crcs(&payload));
+        let first = pool.block_crcs(&payload).unwrap();
+        // Changed behind the payload's back (another mapping could), the
+        // blocks keep the crcs computed first.
+        // SAFETY: a byte inside the pool's mapping, of a payload this test
+        // holds; nothing reads it concurrently.
+        unsafe { *pool.map.as_ptr().add(10) = 6 };
+        assert!(pool.compute_block_crcs(&payload));
+        assert_eq!(pool.block_crcs(&payload), Some(first.clone()));
+        assert_ne!(crate::crc32c(&payload[..UNIT]).to_be_bytes()[..], first[..4]);
     }
 
     #[test]

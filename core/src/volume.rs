@@ -331,6 +331,19 @@ fn rebuild_plan(meta: &ReplicaMeta, current: u64) -> (RebuildMark, bool) {
 }
 
 impl<C: Connector> Volume<C> {
+    /// Members that take writes and map the payload memory (see
+    /// [`crate::shm`]).
+    fn members_sharing_payloads(&self) -> usize {
+        let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
+        members
+            .iter()
+            .filter(|m| {
+                matches!(m.state(), ReplicaState::Healthy | ReplicaState::Rebuilding)
+                    && m.link().is_some_and(|l| l.shares_payload_memory())
+            })
+            .count()
+    }
+
     /// Attaches the replicas at `addrs` as controller `epoch` and
     /// reconciles them: the members of the newest generation record serve
     /// (one of them only, if the last controller did not stop cleanly, the
@@ -1804,6 +1817,10 @@ impl<C: Connector> BlockDevice for Volume<C> {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let len = data.len() as u64;
+        if self.members_sharing_payloads() > 1 {
+            // One checksum pass for all of them (see `crate::shm`).
+            self.connector.share_block_crcs(&data);
+        }
         self.replicate(Op::Write, offset, len, |r, g, _| {
             let data = data.clone();
             async move { r.write_at(offset, data, fua, g, None).await }
@@ -1819,13 +1836,7 @@ impl<C: Connector> BlockDevice for Volume<C> {
         // Only while some replica that takes writes maps the memory: the
         // others get a copy of the payload on their socket, which costs
         // more than the pipes a payload outside it can go through.
-        let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
-        let shared = members.iter().any(|m| {
-            matches!(m.state(), ReplicaState::Healthy | ReplicaState::Rebuilding)
-                && m.link().is_some_and(|l| l.shares_payload_memory())
-        });
-        drop(members);
-        if shared { self.connector.payload_buffer(len) } else { None }
+        if self.members_sharing_payloads() > 0 { self.connector.payload_buffer(len) } else { None }
     }
 
     async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<()> {

@@ -62,7 +62,11 @@
 //! second descriptor is memory for READ replies of that connection alone:
 //! a READ with [`FLAG_SHM`] carries an offset in it the same way, the
 //! replica writes the data there and answers with no payload
-//! ([`HELLO_SHM_READ`]).
+//! ([`HELLO_SHM_READ`]). A replica that sets [`HELLO_BLOCK_CRCS`] takes
+//! shared, block-aligned WRITEs with [`FLAG_BLOCK_CRCS`]: after the offset,
+//! the frame carries the crc32c of every block of the payload, which the
+//! controller computed once for all its replicas, and the replica records
+//! those instead of computing them again.
 //! All integers are big-endian. `status` is 0 for success, otherwise an
 //! [`ErrorKind::code`]. A probe reports the replica's identity without
 //! binding it; an attach binds it to the volume name and epoch (a replica
@@ -72,7 +76,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use zerocopy::byteorder::network_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::device::{Extent, ExtentState, MAX_IO_BYTES};
+use crate::device::{BLOCK_SIZE, Extent, ExtentState, MAX_IO_BYTES};
 use crate::error::{Error, ErrorKind, Result};
 
 pub const PROTOCOL_VERSION: u16 = 4;
@@ -108,6 +112,11 @@ pub const FLAG_PIPE: u8 = 16;
 /// READ: the replica puts the data at that offset of the connection's
 /// read memory and answers with an empty payload.
 pub const FLAG_SHM: u8 = 32;
+/// WRITE with [`FLAG_SHM`], block-aligned: the frame carries, after the
+/// payload's offset, the crc32c of each of its blocks (`length /
+/// BLOCK_SIZE` big-endian u32s), computed once by the controller for all
+/// replicas; the replica records them instead of computing its own.
+pub const FLAG_BLOCK_CRCS: u8 = 64;
 
 /// HelloReply flag: the replica's store was shut down cleanly last time.
 pub const HELLO_CLEAN: u32 = 1;
@@ -122,6 +131,8 @@ pub const HELLO_SHM_READ: u32 = 8;
 /// HelloReply flag: the reply came with read-only descriptors of the
 /// replica's head files and a validity word (see [`crate::local`]).
 pub const HELLO_LOCAL_READS: u32 = 16;
+/// HelloReply flag: shared WRITEs may carry [`FLAG_BLOCK_CRCS`].
+pub const HELLO_BLOCK_CRCS: u32 = 32;
 
 /// Wire-level decoding failure. Always fatal for the connection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -211,7 +222,7 @@ impl Opcode {
     /// Flags a request with this opcode may carry.
     fn allowed_flags(self) -> u8 {
         match self {
-            Opcode::Write => FLAG_FUA | FLAG_CRC | FLAG_SHM,
+            Opcode::Write => FLAG_FUA | FLAG_CRC | FLAG_SHM | FLAG_BLOCK_CRCS,
             Opcode::Trim => FLAG_FUA,
             Opcode::WriteZeroes => FLAG_FUA | FLAG_NO_HOLE,
             Opcode::SnapCreate => FLAG_SYSTEM,
@@ -498,6 +509,31 @@ fn is_shared(op: Opcode, flags: u8) -> bool {
     matches!(op, Opcode::Write | Opcode::Read) && flags & FLAG_SHM != 0
 }
 
+/// The frame payload of a shared request: the offset in shared memory,
+/// then, with [`FLAG_BLOCK_CRCS`], one crc per block of a block-aligned
+/// WRITE that does not carry a whole-payload [`FLAG_CRC`].
+fn shared_frame_payload(op: Opcode, flags: u8, offset: u64, length: u64) -> Result<usize, WireError> {
+    if flags & FLAG_BLOCK_CRCS == 0 {
+        return Ok(crate::shm::REF_LEN);
+    }
+    let block = u64::from(BLOCK_SIZE);
+    if op != Opcode::Write || flags & FLAG_CRC != 0 {
+        return Err(WireError::BadFlags { op, flags });
+    }
+    if length > u64::from(MAX_IO_BYTES) {
+        return Err(WireError::TooLarge(length));
+    }
+    if length == 0 || !length.is_multiple_of(block) || !offset.is_multiple_of(block) {
+        return Err(WireError::Malformed("block crcs of an unaligned write"));
+    }
+    Ok(crate::shm::REF_LEN + block_crcs_len(length))
+}
+
+/// Bytes of the block crcs ([`FLAG_BLOCK_CRCS`]) of a `length`-byte payload.
+pub fn block_crcs_len(length: u64) -> usize {
+    (length / u64::from(BLOCK_SIZE)) as usize * 4
+}
+
 /// Encodes a request header; a payload is sent after it separately (so
 /// large buffers are not copied).
 pub fn encode_request_header(r: &Request, out: &mut BytesMut) {
@@ -540,7 +576,8 @@ pub fn decode_request_header(buf: &[u8]) -> Result<Option<(Request, usize)>, Wir
         return Err(WireError::BadMagic(hdr.magic.get()));
     }
     let opcode = Opcode::from_u8(hdr.opcode).ok_or(WireError::BadOpcode(hdr.opcode))?;
-    if hdr.flags & !opcode.allowed_flags() != 0 {
+    let crcs_unshared = hdr.flags & FLAG_BLOCK_CRCS != 0 && hdr.flags & FLAG_SHM == 0;
+    if hdr.flags & !opcode.allowed_flags() != 0 || crcs_unshared {
         return Err(WireError::BadFlags { op: opcode, flags: hdr.flags });
     }
     if hdr.reserved.get() != 0 || hdr.reserved2.get() != 0 {
@@ -565,7 +602,7 @@ pub fn decode_request_header(buf: &[u8]) -> Result<Option<(Request, usize)>, Wir
             return Err(WireError::TooLarge(length));
         }
         Opcode::GetStamps if length > MAX_STAMPS => return Err(WireError::TooLarge(length)),
-        op if is_shared(op, hdr.flags) => crate::shm::REF_LEN,
+        op if is_shared(op, hdr.flags) => shared_frame_payload(op, hdr.flags, hdr.offset.get(), length)?,
         op if has_payload(op) => length as usize,
         Opcode::Flush | Opcode::Ping | Opcode::GetMeta | Opcode::SnapList if length != 0 => {
             return Err(WireError::Malformed("length"));
@@ -622,7 +659,9 @@ pub fn request_frame_len(buf: &[u8]) -> Option<usize> {
     let opcode = Opcode::from_u8(hdr.opcode)?;
     let length = hdr.length.get();
     if is_shared(opcode, hdr.flags) {
-        return Some(REQUEST_LEN + crate::shm::REF_LEN);
+        return shared_frame_payload(opcode, hdr.flags, hdr.offset.get(), length)
+            .ok()
+            .map(|n| REQUEST_LEN + n);
     }
     (has_payload(opcode) && length <= u64::from(MAX_IO_BYTES)).then(|| REQUEST_LEN + length as usize)
 }
@@ -1070,15 +1109,25 @@ mod tests {
             any::<u64>(),
             any::<u32>(),
         )
-            .prop_map(|(opcode, flags, tag, offset, length, mut data, generation, crc)| {
-                let flags = flags & opcode.allowed_flags();
+            .prop_map(|(opcode, flags, tag, mut offset, mut length, mut data, generation, crc)| {
+                let mut flags = flags & opcode.allowed_flags();
+                if flags & FLAG_BLOCK_CRCS != 0 {
+                    // Only valid on a shared, block-aligned WRITE.
+                    flags = (flags | FLAG_SHM) & !FLAG_CRC;
+                    offset -= offset % 4096;
+                    length = (length / 4096).max(1) * 4096;
+                }
                 if opcode != Opcode::Write {
                     data.truncate(MAX_META_LEN);
                 }
                 let (length, data) = match opcode {
                     // A shared payload: only its place travels.
                     op if is_shared(op, flags) => {
-                        (length, Bytes::copy_from_slice(&crc.to_le_bytes().repeat(2)))
+                        let mut frame = crc.to_le_bytes().repeat(2);
+                        if flags & FLAG_BLOCK_CRCS != 0 {
+                            frame.extend((0..block_crcs_len(length)).map(|i| i as u8));
+                        }
+                        (length, Bytes::from(frame))
                     }
                     op if has_payload(op) => (data.len() as u64, Bytes::from(data)),
                     Opcode::Flush | Opcode::Ping | Opcode::GetMeta | Opcode::SnapList => (0, Bytes::new()),
@@ -1116,6 +1165,31 @@ mod tests {
                     rebuild,
                 }
             })
+    }
+
+    #[test]
+    fn block_crcs_come_only_with_shared_block_aligned_writes() {
+        let shared = |flags: u8, offset: u64, length: u64| {
+            let data = Bytes::from(vec![0u8; crate::shm::REF_LEN + block_crcs_len(length)]);
+            let r = Request { flags, offset, length, data, ..Request::simple(Opcode::Write, 1, 0, 0) };
+            decode_request(&mut encode_request(&r))
+        };
+        let both = FLAG_SHM | FLAG_BLOCK_CRCS;
+        let ok = shared(both, 8192, 3 * 4096).unwrap().unwrap();
+        assert_eq!((ok.length, ok.data.len()), (3 * 4096, crate::shm::REF_LEN + 12));
+        let frame = encode_request(&Request { data: ok.data.clone(), ..ok.clone() });
+        assert_eq!(request_frame_len(&frame), Some(frame.len()));
+        assert!(matches!(shared(FLAG_BLOCK_CRCS, 0, 4096), Err(WireError::BadFlags { .. })), "not shared");
+        assert!(matches!(shared(both | FLAG_CRC, 0, 4096), Err(WireError::BadFlags { .. })), "with a crc");
+        assert!(matches!(shared(both, 512, 4096), Err(WireError::Malformed(_))), "unaligned offset");
+        assert!(matches!(shared(both, 0, 4096 + 512), Err(WireError::Malformed(_))), "unaligned length");
+        assert!(matches!(shared(both, 0, 0), Err(WireError::Malformed(_))), "empty");
+        let huge = u64::from(MAX_IO_BYTES) + 4096;
+        assert!(matches!(shared(both, 0, huge), Err(WireError::TooLarge(_))), "too large");
+        let r = Request { flags: both, length: huge, ..Request::simple(Opcode::Write, 1, 0, 0) };
+        assert_eq!(request_frame_len(&encode_request(&r)), None, "no room made for it");
+        let r = Request { flags: both, length: 4096, ..Request::simple(Opcode::Read, 1, 0, 0) };
+        assert!(decode_request(&mut encode_request(&r)).is_err(), "a read");
     }
 
     fn encode_request(r: &Request) -> BytesMut {

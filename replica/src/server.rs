@@ -96,6 +96,20 @@ pub trait Backend: BlockDevice {
         fua: bool,
         generation: u64,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// Like [`Backend::write_gen`], for a block-aligned payload whose
+    /// blocks' crc32cs the controller computed (`crcs`: big-endian u32s,
+    /// one per block), to record as they are. The default ignores them.
+    fn write_gen_with_crcs(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        generation: u64,
+        crcs: Bytes,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = crcs;
+        self.write_gen(offset, data, fua, generation)
+    }
     /// A rebuild copy whose payload must have crc32c `crc` (`Corrupt`
     /// otherwise, with nothing written).
     fn write_copy(
@@ -362,7 +376,7 @@ impl<B: Backend> ReplicaServer<B> {
                 .ok()
         });
         if writes.is_some() {
-            reply.flags |= wire::HELLO_SHM;
+            reply.flags |= wire::HELLO_SHM | wire::HELLO_BLOCK_CRCS;
         }
         if reads.is_some() {
             reply.flags |= wire::HELLO_SHM_READ;
@@ -557,11 +571,16 @@ impl<B: Backend> ReplicaServer<B> {
                 },
                 Err(e) => break Err(e.into()),
             };
+            let mut block_crcs = None;
             if req.opcode == Opcode::Write && req.flags & wire::FLAG_SHM != 0 {
                 match shared_payload(shm.writes.as_ref(), &req) {
                     Ok(data) => {
+                        if req.flags & wire::FLAG_BLOCK_CRCS != 0 {
+                            // Sized by the frame decoder: one per block.
+                            block_crcs = Some(req.data.slice(shm::REF_LEN..));
+                        }
                         req.data = data;
-                        req.flags &= !wire::FLAG_SHM;
+                        req.flags &= !(wire::FLAG_SHM | wire::FLAG_BLOCK_CRCS);
                     }
                     Err(e) => {
                         let _ = tx.send(Answer::plain(Response::error(req.tag, &e)));
@@ -610,7 +629,7 @@ impl<B: Backend> ReplicaServer<B> {
                         Err(e) => Answer::plain(Response::error(tag, &e)),
                     }
                 } else {
-                    Answer::plain(match server.execute(req).await {
+                    Answer::plain(match server.execute(req, block_crcs).await {
                         Ok(payload) => Response::ok(tag, payload),
                         Err(e) => Response::error(tag, &e),
                     })
@@ -665,7 +684,9 @@ impl<B: Backend> ReplicaServer<B> {
         self.backend.read_payload(req.offset, req.length as usize).await
     }
 
-    async fn execute(&self, req: Request) -> Result<Bytes> {
+    /// Runs `req`; a WRITE with `block_crcs` (see
+    /// [`wire::FLAG_BLOCK_CRCS`]) records those as its blocks' crcs.
+    async fn execute(&self, req: Request, block_crcs: Option<Bytes>) -> Result<Bytes> {
         let size = self.backend.size();
         let fua = req.flags & wire::FLAG_FUA != 0;
         match req.opcode {
@@ -692,6 +713,8 @@ impl<B: Backend> ReplicaServer<B> {
                         ));
                     }
                     self.backend.write_copy(req.offset, req.data, req.generation, req.crc).await
+                } else if let Some(crcs) = block_crcs {
+                    self.backend.write_gen_with_crcs(req.offset, req.data, fua, req.generation, crcs).await
                 } else {
                     self.backend.write_gen(req.offset, req.data, fua, req.generation).await
                 };
@@ -851,7 +874,7 @@ impl Drop for Lease {
 
 /// The offset a request with [`wire::FLAG_SHM`] carries.
 fn shared_ref(req: &Request) -> Result<u64> {
-    let at: [u8; shm::REF_LEN] = req.data[..]
+    let at: [u8; shm::REF_LEN] = req.data[..req.data.len().min(shm::REF_LEN)]
         .try_into()
         .map_err(|_| Error::new(ErrorKind::Protocol, "malformed shared memory reference"))?;
     Ok(u64::from_be_bytes(at))
@@ -1069,6 +1092,17 @@ impl Backend for crate::Store {
         // The server never drops a request's future early (see
         // `serve_requests`), so the write needs no task of its own.
         crate::Store::write_gen_to_completion(self, offset, data, fua, generation)
+    }
+
+    fn write_gen_with_crcs(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        generation: u64,
+        crcs: Bytes,
+    ) -> impl Future<Output = Result<()>> + Send {
+        crate::Store::write_gen_with_crcs_to_completion(self, offset, data, fua, generation, crcs)
     }
 
     fn write_copy(

@@ -128,16 +128,19 @@ const BULK: usize = 256 * 1024;
 
 /// How [`Inner::write_blocks`] writes.
 #[derive(Clone, Copy)]
-struct WriteKind {
+struct WriteKind<'a> {
     fua: bool,
     /// The crc32c the whole (block-aligned) payload must have.
     copy: Option<u32>,
     /// Bypass the page cache when large (rebuild copies).
     bulk: bool,
+    /// The blocks' crc32cs as the controller computed them, big-endian,
+    /// one per block of the (block-aligned) payload: recorded as they are.
+    crcs: Option<&'a [u8]>,
 }
 
-impl WriteKind {
-    const PLAIN: WriteKind = WriteKind { fua: false, copy: None, bulk: false };
+impl WriteKind<'static> {
+    const PLAIN: WriteKind<'static> = WriteKind { fua: false, copy: None, bulk: false, crcs: None };
 }
 
 fn payload_mismatch(offset: u64) -> Error {
@@ -440,7 +443,7 @@ impl Store {
         let inner = self.inner.clone();
         detached(async move {
             inner.raise_stamps(offset, data.len() as u64, generation).await?;
-            inner.write_with(offset, data, false, Some(crc)).await
+            inner.write_with(offset, data, false, Some(crc), None).await
         })
         .await
     }
@@ -473,6 +476,26 @@ impl Store {
         async move {
             inner.raise_stamps(offset, data.len() as u64, generation).await?;
             inner.write(offset, data, fua).await.map_err(|e| e.with_op(Op::Write))
+        }
+    }
+
+    /// Like [`Store::write_gen_to_completion`], for a block-aligned
+    /// payload whose blocks' crc32cs the caller computed: `crcs` holds them
+    /// as big-endian u32s, one per block, and they are recorded as they
+    /// are (a wrong one makes its block read as corrupt). Ignored where
+    /// they do not fit the payload.
+    pub fn write_gen_with_crcs_to_completion(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        generation: u64,
+        crcs: Bytes,
+    ) -> impl Future<Output = Result<()>> + Send + 'static {
+        let inner = self.inner.clone();
+        async move {
+            inner.raise_stamps(offset, data.len() as u64, generation).await?;
+            inner.write_with(offset, data, fua, None, Some(&crcs)).await.map_err(|e| e.with_op(Op::Write))
         }
     }
 
@@ -1000,12 +1023,20 @@ impl Inner {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
-        self.write_with(offset, data, fua, None).await
+        self.write_with(offset, data, fua, None, None).await
     }
 
     /// A write; with `copy`, a rebuild copy whose payload must have that
     /// crc32c (see [`Store::write_copy`]).
-    async fn write_with(&self, offset: u64, data: Bytes, fua: bool, copy: Option<u32>) -> Result<()> {
+    /// `crcs`, if given, are the blocks' crc32cs (see [`WriteKind`]).
+    async fn write_with(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        copy: Option<u32>,
+        crcs: Option<&[u8]>,
+    ) -> Result<()> {
         if data.is_empty() {
             return if fua { self.sync_head(offset).await } else { Ok(()) };
         }
@@ -1020,7 +1051,8 @@ impl Inner {
         let _range = self.lock.lock(first, first + count, true).await;
         self.mark_intent(first, count).await?;
         let buf = if aligned { data } else { self.merge(offset, &data, first, count).await? };
-        let write = WriteKind { fua, copy: copy.filter(|_| aligned), bulk: copy.is_some() };
+        let crcs = crcs.filter(|c| aligned && copy.is_none() && c.len() == buf.len() / BSZ * 4);
+        let write = WriteKind { fua, copy: copy.filter(|_| aligned), bulk: copy.is_some(), crcs };
         self.write_blocks(first, buf, write, offset).await
     }
 
@@ -1053,11 +1085,15 @@ impl Inner {
 
     /// Writes whole blocks from `first` with their records, in one batch.
     /// Callers hold the range lock and have marked the intent.
-    async fn write_blocks(&self, first: u64, buf: Bytes, kind: WriteKind, offset: u64) -> Result<()> {
+    async fn write_blocks(&self, first: u64, buf: Bytes, kind: WriteKind<'_>, offset: u64) -> Result<()> {
         let mut records = vec![0u8; buf.len() / BSZ * RECZ];
         let mut whole: Option<u32> = None;
+        let mut given = kind.crcs.map(|c| c.chunks_exact(4));
         for (block, rec) in buf.chunks(BSZ).zip(records.chunks_mut(RECZ)) {
-            let crc = jiva_core::crc32c(block);
+            let crc = match given.as_mut().and_then(Iterator::next) {
+                Some(be) => u32::from_be_bytes(be.try_into().expect("chunks of 4")),
+                None => jiva_core::crc32c(block),
+            };
             if kind.copy.is_some() {
                 whole = Some(whole.map_or(crc, |w| crc_then_block(w, crc)));
             }

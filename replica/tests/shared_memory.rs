@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use jiva_core::remote::{self, RemoteConnector, RemoteOptions, RemoteReplica};
 use jiva_core::replica::Replica;
-use jiva_core::shm::{ShmBuf, ShmPool};
+use jiva_core::shm::{Mapping, ShmBuf, ShmPool};
 use jiva_core::volume::{Volume, VolumeOptions};
 use jiva_core::wire::{self, Opcode, Request};
 use jiva_core::{BlockDevice, ErrorKind};
@@ -288,6 +288,96 @@ async fn bad_shared_memory_and_references_are_refused_at_the_edge() {
     assert!(check.read(1 << 20, 1 << 20).await.unwrap().iter().all(|&b| b == 0));
 }
 
+/// The controller computes a shared payload's block crcs once for all its
+/// replicas; a replica records those instead of its own. So a payload
+/// changed after they were computed (through another mapping of the pool)
+/// reads back as corrupt, never as changed data with a checksum to match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_record_the_block_crcs_the_controller_computed() {
+    let r = start(Faults::default()).await;
+    let pool = ShmPool::new(1 << 20).unwrap();
+    let opts = RemoteOptions::default();
+    let rep = RemoteReplica::connect_shared(&r.addr, "vol", SIZE, 1, opts, Some(pool.clone())).await.unwrap();
+    assert!(rep.sends_block_crcs());
+
+    let data = pattern(3, 4 * 4096);
+    let payload = shared(&pool, &data);
+    // As a volume does for a payload that goes to several replicas.
+    assert!(pool.compute_block_crcs(&payload));
+    let at = pool.locate(&payload).unwrap() as usize;
+    let other = Mapping::new(pool.fd(), pool.len(), true).unwrap();
+    // SAFETY: a byte of the third block, inside the mapping; nothing reads
+    // the payload until the write below.
+    unsafe { *other.as_ptr().add(at + 2 * 4096 + 7) ^= 0xff };
+    rep.write_at(8192, payload, false, 1, None).await.unwrap();
+    // And one whose blocks are all as frozen, and one whose crcs nobody
+    // computed (the replica computes them).
+    let payload = shared(&pool, &data);
+    assert!(pool.compute_block_crcs(&payload));
+    rep.write_at(1 << 20, payload, false, 1, None).await.unwrap();
+    rep.write_at(2 << 20, shared(&pool, &data), false, 1, None).await.unwrap();
+
+    let check = RemoteReplica::connect(&r.addr, "vol", SIZE, 2, opts).await.unwrap();
+    assert_eq!(&check.read(8192, 2 * 4096).await.unwrap()[..], &data[..2 * 4096]);
+    let e = check.read(8192 + 2 * 4096, 4096).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert_eq!(&check.read(8192 + 3 * 4096, 4096).await.unwrap()[..], &data[3 * 4096..]);
+    assert_eq!(&check.read(1 << 20, data.len()).await.unwrap()[..], &data[..]);
+    assert_eq!(&check.read(2 << 20, data.len()).await.unwrap()[..], &data[..]);
+}
+
+/// Sends the frame of `req` (header and `req.data`) as it is.
+fn send_frame(s: &mut std::os::unix::net::UnixStream, req: &Request) {
+    let mut out = BytesMut::new();
+    wire::encode_request_header(req, &mut out);
+    out.put_slice(&req.data);
+    s.write_all(&out).unwrap();
+}
+
+/// Whether the replica closes `s` (without answering) within seconds.
+fn closes(s: &mut std::os::unix::net::UnixStream) -> bool {
+    let mut chunk = [0u8; 4096];
+    matches!(s.read(&mut chunk), Ok(0) | Err(_))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_block_crcs_close_the_connection() {
+    let r = start(Faults::default()).await;
+    let path = r.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let pool = ShmPool::new(1 << 20).unwrap();
+        let write = |flags: u8, offset: u64, length: u64, crcs: usize| {
+            let mut data = 0u64.to_be_bytes().to_vec();
+            data.extend(std::iter::repeat_n(0u8, crcs));
+            Request {
+                flags,
+                offset,
+                length,
+                generation: 1,
+                data: Bytes::from(data),
+                ..Request::simple(Opcode::Write, 7, 0, 0)
+            }
+        };
+        let both = wire::FLAG_SHM | wire::FLAG_BLOCK_CRCS;
+        let (mut s, flags) = raw_hello(&path, &[pool.fd()]);
+        assert_ne!(flags & wire::HELLO_BLOCK_CRCS, 0);
+        // Well formed: answered, and the connection goes on.
+        send_frame(&mut s, &write(both, 4096, 8192, 8));
+        assert_eq!(next_answer(&mut s, &mut BytesMut::new()), (7, 0));
+        for (what, req) in [
+            ("unaligned", write(both, 512, 4096, 4)),
+            ("not shared", write(wire::FLAG_BLOCK_CRCS, 0, 4096, 4)),
+            ("with a payload crc", write(both | wire::FLAG_CRC, 0, 4096, 4)),
+        ] {
+            let (mut s, _) = raw_hello(&path, &[pool.fd()]);
+            send_frame(&mut s, &req);
+            assert!(closes(&mut s), "{what}: the connection stayed open");
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_reads_match_plain_reads() {
     shared_reads_match_plain_reads_of(StoreOptions::default()).await;
@@ -423,6 +513,51 @@ async fn the_volume_offers_payload_memory_only_while_a_replica_maps_it() {
     let buf = vol.payload_buffer(65536).expect("offered to a replica that maps it");
     drop(buf);
     vol.shutdown().await.unwrap();
+}
+
+/// A volume has a payload's block crcs computed once where two or more
+/// local replicas store it, and not for one (the replica computes them,
+/// off the controller's busier path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_volume_computes_block_crcs_for_several_local_replicas_only() {
+    let (a, b) = (start(Faults::default()).await, start(Faults::default()).await);
+    let pool = ShmPool::new(8 << 20).unwrap();
+    let open = |addrs: Vec<String>, epoch: u64| {
+        let connector = RemoteConnector {
+            volume: "vol".into(),
+            size: SIZE,
+            opts: RemoteOptions::default(),
+            shm: Some(pool.clone()),
+        };
+        async move { Volume::open("vol", SIZE, epoch, connector, &addrs, VolumeOptions::default()).await.unwrap() }
+    };
+    let write = |vol: &Volume<RemoteConnector>, seed: u8| {
+        let mut buf = vol.payload_buffer(65536).expect("payload memory");
+        buf.unfilled().copy_from_slice(&pattern(seed, 65536));
+        buf.advance(65536);
+        buf.freeze()
+    };
+    let vol = open(vec![a.addr.clone()], 1).await;
+    let payload = write(&vol, 1);
+    vol.write(0, payload.clone(), false).await.unwrap();
+    assert_eq!(pool.block_crcs(&payload), None, "computed for one replica");
+    assert_eq!(&vol.read(0, 65536).await.unwrap()[..], &pattern(1, 65536)[..]);
+    vol.shutdown().await.unwrap();
+    drop(payload);
+
+    let vol = open(vec![a.addr.clone(), b.addr.clone()], 2).await;
+    let payload = write(&vol, 2);
+    vol.write(65536, payload.clone(), false).await.unwrap();
+    let crcs = pool.block_crcs(&payload).expect("computed for two replicas");
+    let expect: Vec<u8> =
+        pattern(2, 65536).chunks(4096).flat_map(|b| jiva_core::crc32c(b).to_be_bytes()).collect();
+    assert_eq!(&crcs[..], &expect[..]);
+    vol.shutdown().await.unwrap();
+    // Each replica stored the data, and its records check out.
+    for r in [&a, &b] {
+        let check = RemoteReplica::connect(&r.addr, "vol", SIZE, 3, RemoteOptions::default()).await.unwrap();
+        assert_eq!(&check.read(65536, 65536).await.unwrap()[..], &pattern(2, 65536)[..]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
