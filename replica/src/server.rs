@@ -1091,7 +1091,7 @@ impl Backend for crate::Store {
     ) -> impl Future<Output = Result<()>> + Send {
         // The server never drops a request's future early (see
         // `serve_requests`), so the write needs no task of its own.
-        crate::Store::write_gen_to_completion(self, offset, data, fua, generation)
+        crate::Store::write_gen_to_completion(self, offset, data, fua, generation, None)
     }
 
     fn write_gen_with_crcs(
@@ -1102,7 +1102,7 @@ impl Backend for crate::Store {
         generation: u64,
         crcs: Bytes,
     ) -> impl Future<Output = Result<()>> + Send {
-        crate::Store::write_gen_with_crcs_to_completion(self, offset, data, fua, generation, crcs)
+        crate::Store::write_gen_to_completion(self, offset, data, fua, generation, Some(crcs))
     }
 
     fn write_copy(

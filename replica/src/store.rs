@@ -465,37 +465,24 @@ impl Store {
     /// completion, never drop it early (a dropped write would release its
     /// range lock while the kernel may still be writing), e.g. by spawning
     /// it if it does not complete at once.
+    ///
+    /// `crcs`, for a block-aligned payload, are its blocks' crc32cs as the
+    /// caller computed them (big-endian u32s, one per block), recorded as
+    /// they are: a wrong one makes its block read as corrupt. Ignored where
+    /// they do not fit the payload.
     pub fn write_gen_to_completion(
         &self,
         offset: u64,
         data: Bytes,
         fua: bool,
         generation: u64,
+        crcs: Option<Bytes>,
     ) -> impl Future<Output = Result<()>> + Send + 'static {
         let inner = self.inner.clone();
         async move {
             inner.raise_stamps(offset, data.len() as u64, generation).await?;
-            inner.write(offset, data, fua).await.map_err(|e| e.with_op(Op::Write))
-        }
-    }
-
-    /// Like [`Store::write_gen_to_completion`], for a block-aligned
-    /// payload whose blocks' crc32cs the caller computed: `crcs` holds them
-    /// as big-endian u32s, one per block, and they are recorded as they
-    /// are (a wrong one makes its block read as corrupt). Ignored where
-    /// they do not fit the payload.
-    pub fn write_gen_with_crcs_to_completion(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-        generation: u64,
-        crcs: Bytes,
-    ) -> impl Future<Output = Result<()>> + Send + 'static {
-        let inner = self.inner.clone();
-        async move {
-            inner.raise_stamps(offset, data.len() as u64, generation).await?;
-            inner.write_with(offset, data, fua, None, Some(&crcs)).await.map_err(|e| e.with_op(Op::Write))
+            let written = inner.write_with(offset, data, fua, None, crcs.as_deref()).await;
+            written.map_err(|e| e.with_op(Op::Write))
         }
     }
 
