@@ -281,6 +281,26 @@ pub fn register_duplicate(
         .map_err(|e| io::Error::other(e.to_string()))
 }
 
+/// Sets `sock`'s receive low-water mark (`SO_RCVLOWAT`): readiness is
+/// reported only once `bytes` are queued (TCP caps it at half the largest
+/// receive buffer). Best effort.
+pub fn set_receive_low_water(sock: BorrowedFd<'_>, bytes: usize) {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on an open socket with an int value of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!("SO_RCVLOWAT: {}", io::Error::last_os_error());
+    }
+}
+
 /// A socket registered with tokio, whose readiness we can wait on.
 #[derive(Clone, Copy)]
 pub enum Socket<'a> {

@@ -882,6 +882,62 @@ async fn serve_accepts_and_drains_on_shutdown() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener closed");
 }
 
+async fn within<F: std::future::Future>(what: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), what).await.expect("the session stalled")
+}
+
+/// A large WRITE payload that arrives over TCP in pieces, with pauses
+/// between them, is received whole, and the small request after it is
+/// answered at once: the receive low-water mark follows what is left of
+/// the payload and drops back to one byte after it (a mark left above what
+/// the client sends before waiting for its reply would hang the session).
+#[tokio::test]
+async fn large_payloads_arriving_in_pieces_over_tcp_do_not_stall_the_session() {
+    let (server, dev) = mem_server();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(Arc::clone(&server).serve(listener, async {
+        let _ = stop_rx.await;
+    }));
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; ServerGreeting::LEN];
+    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut greeting).await.unwrap();
+    sock.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).await.unwrap();
+    sock.write_all(&NbdOption::ExportName(NAME.into()).encode()).await.unwrap();
+    let mut info = [0u8; ExportNameReply::LEN];
+    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut info).await.unwrap();
+
+    for (round, len) in [(0u8, SIZE as usize), (1, 3 * WHOLE_PAYLOAD_BYTES / 2)] {
+        let data = pattern(round, len);
+        // The header with a first piece, which the server reads partly
+        // after raising the mark (so less is left than the mark), more
+        // pieces, and a rest below the large-payload size, with pauses the
+        // server sleeps through.
+        let cuts = [0, len / 3, len - WHOLE_PAYLOAD_BYTES / 2, len];
+        for (i, piece) in cuts.windows(2).enumerate() {
+            let mut b = if i == 0 { req(CMD_WRITE, 1, 0, len as u32).encode().to_vec() } else { Vec::new() };
+            b.extend_from_slice(&data[piece[0]..piece[1]]);
+            sock.write_all(&b).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let mut reply = [0u8; SimpleReply::LEN];
+        within(tokio::io::AsyncReadExt::read_exact(&mut sock, &mut reply)).await.unwrap();
+        assert_eq!(SimpleReply::parse(&reply).unwrap().error, 0);
+
+        // A request too small for any raised mark.
+        sock.write_all(&req(CMD_READ, 2, len as u64 - 4096, 4096).encode()).await.unwrap();
+        let mut reply = [0u8; SimpleReply::LEN + 4096];
+        within(tokio::io::AsyncReadExt::read_exact(&mut sock, &mut reply)).await.unwrap();
+        assert_eq!(SimpleReply::parse(&reply[..SimpleReply::LEN]).unwrap().error, 0);
+        assert_eq!(&reply[SimpleReply::LEN..], &data[len - 4096..]);
+        assert_eq!(&dev.read(0, len).await.unwrap()[..], &data[..]);
+    }
+    stop_tx.send(()).unwrap();
+    drop(sock);
+    tokio::time::timeout(Duration::from_secs(10), serving).await.unwrap().unwrap().unwrap();
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
 
