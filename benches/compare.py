@@ -295,6 +295,10 @@ def run_round(args, starters, workdir, size_bytes, results, rnd=0):
             targets = targets[k:] + targets[:k]
         for wl, rw, bs, qd in WORKLOADS:
             for name, fio_args, pids_of in targets:
+                if "write" in rw:
+                    # The previous target's writes are written back now, not
+                    # during this one's run.
+                    os.sync()
                 pids = pids_of() if pids_of else []
                 c0 = cpu_seconds(pids)
                 r = fio(fio_args, rw, bs, qd, args.runtime, args.size)
@@ -404,7 +408,8 @@ def write_report(args, runs, extras=()):
         f"{rounds} --size {args.size}` on {machine()}. Client, servers and replicas share the machine; "
         "fio's nbd engine (one connection) for every NBD target, fio io_uring O_DIRECT on a local file "
         "for the ceiling. All targets run side by side: each workload runs on one target after another "
-        "(the order rotating by round), so compared runs are seconds apart. "
+        "(the order rotating by round), so compared runs are seconds apart, and every write run "
+        "starts after a `sync`, so no target pays for another's writeback. "
         "Shared, noisy machines: read the ratios, not the absolute numbers." + medians,
         "",
         "## Throughput",
