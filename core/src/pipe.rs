@@ -286,19 +286,24 @@ pub fn register_duplicate(
 /// receive buffer). Best effort.
 pub fn set_receive_low_water(sock: BorrowedFd<'_>, bytes: usize) {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    if let Err(e) = set_socket_int(sock, libc::SO_RCVLOWAT, value) {
+        tracing::debug!("SO_RCVLOWAT: {e}");
+    }
+}
+
+/// Sets the `SOL_SOCKET` option `name` of `sock` to `value`.
+pub(crate) fn set_socket_int(sock: BorrowedFd<'_>, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: setsockopt on an open socket with an int value of the size we pass.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
+            name,
             (&raw const value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc != 0 {
-        tracing::debug!("SO_RCVLOWAT: {}", io::Error::last_os_error());
-    }
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// A socket registered with tokio, whose readiness we can wait on.

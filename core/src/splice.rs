@@ -110,19 +110,8 @@ fn splice_out(pipe_r: BorrowedFd<'_>, sock: BorrowedFd<'_>, len: usize) -> io::R
 /// that a spliced 1 MiB payload crosses in one or two splices instead of a
 /// dozen partial ones, each waiting for the receiver. Best effort.
 fn widen_send_buffer(sock: BorrowedFd<'_>) {
-    let value: libc::c_int = SEND_BUFFER_BYTES;
-    // SAFETY: setsockopt on an open socket with an int value of the size we pass.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!("SO_SNDBUF: {}", io::Error::last_os_error());
+    if let Err(e) = crate::pipe::set_socket_int(sock, libc::SO_SNDBUF, SEND_BUFFER_BYTES) {
+        tracing::debug!("SO_SNDBUF: {e}");
     }
 }
 

@@ -833,18 +833,23 @@ fn errno_mapping() {
     }
 }
 
-#[tokio::test]
-async fn serve_accepts_and_drains_on_shutdown() {
-    let mut dev = TestDevice::new(|_| {});
-    dev.delay = true;
-    let (server, dev) = test_server(dev);
+/// `server` serving on a loopback TCP port until the returned sender is
+/// used, and a client socket through the handshake (EXPORT_NAME, no
+/// zeroes) into the transmission phase.
+async fn serve_over_tcp<D: BlockDevice>(
+    server: Arc<NbdServer<D>>,
+) -> (
+    tokio::net::TcpStream,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<io::Result<()>>,
+    SocketAddr,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(Arc::clone(&server).serve(listener, async {
+    let serving = tokio::spawn(server.serve(listener, async {
         let _ = stop_rx.await;
     }));
-
     let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut greeting = [0u8; ServerGreeting::LEN];
     tokio::io::AsyncReadExt::read_exact(&mut sock, &mut greeting).await.unwrap();
@@ -853,6 +858,15 @@ async fn serve_accepts_and_drains_on_shutdown() {
     sock.write_all(&NbdOption::ExportName(NAME.into()).encode()).await.unwrap();
     let mut info = [0u8; ExportNameReply::LEN];
     tokio::io::AsyncReadExt::read_exact(&mut sock, &mut info).await.unwrap();
+    (sock, stop_tx, serving, addr)
+}
+
+#[tokio::test]
+async fn serve_accepts_and_drains_on_shutdown() {
+    let mut dev = TestDevice::new(|_| {});
+    dev.delay = true;
+    let (server, dev) = test_server(dev);
+    let (mut sock, stop_tx, serving, addr) = serve_over_tcp(Arc::clone(&server)).await;
     // Queue writes, then shut down while they are in flight.
     for i in 0..4u64 {
         let mut b = req(CMD_WRITE, i, i * 4096, 4096).encode().to_vec();
@@ -894,19 +908,7 @@ async fn within<F: std::future::Future>(what: F) -> F::Output {
 #[tokio::test]
 async fn large_payloads_arriving_in_pieces_over_tcp_do_not_stall_the_session() {
     let (server, dev) = mem_server();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(Arc::clone(&server).serve(listener, async {
-        let _ = stop_rx.await;
-    }));
-    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut greeting = [0u8; ServerGreeting::LEN];
-    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut greeting).await.unwrap();
-    sock.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).await.unwrap();
-    sock.write_all(&NbdOption::ExportName(NAME.into()).encode()).await.unwrap();
-    let mut info = [0u8; ExportNameReply::LEN];
-    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut info).await.unwrap();
+    let (mut sock, stop_tx, serving, _) = serve_over_tcp(Arc::clone(&server)).await;
 
     for (round, len) in [(0u8, SIZE as usize), (1, 3 * WHOLE_PAYLOAD_BYTES / 2)] {
         let data = pattern(round, len);
