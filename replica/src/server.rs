@@ -89,27 +89,17 @@ pub trait Backend: BlockDevice {
     fn stamps(&self, first: u64, count: u64) -> Result<Vec<u64>>;
     /// Changes of volume generation `generation` (stamped before they are made).
     /// The server polls the future to completion (it never drops it early).
+    /// `crcs`: for a block-aligned payload, its blocks' crc32cs as the
+    /// controller computed them (big-endian u32s, one per block), to record
+    /// as they are.
     fn write_gen(
         &self,
         offset: u64,
         data: Bytes,
         fua: bool,
         generation: u64,
+        crcs: Option<Bytes>,
     ) -> impl Future<Output = Result<()>> + Send;
-    /// Like [`Backend::write_gen`], for a block-aligned payload whose
-    /// blocks' crc32cs the controller computed (`crcs`: big-endian u32s,
-    /// one per block), to record as they are. The default ignores them.
-    fn write_gen_with_crcs(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-        generation: u64,
-        crcs: Bytes,
-    ) -> impl Future<Output = Result<()>> + Send {
-        let _ = crcs;
-        self.write_gen(offset, data, fua, generation)
-    }
     /// A rebuild copy whose payload must have crc32c `crc` (`Corrupt`
     /// otherwise, with nothing written).
     fn write_copy(
@@ -123,7 +113,7 @@ pub trait Backend: BlockDevice {
             if jiva_core::crc32c(&data) != crc {
                 return Err(Error::new(ErrorKind::Corrupt, "write payload does not match its crc").at(offset));
             }
-            self.write_gen(offset, data, false, generation).await
+            self.write_gen(offset, data, false, generation, None).await
         }
     }
     fn trim_gen(
@@ -713,10 +703,8 @@ impl<B: Backend> ReplicaServer<B> {
                         ));
                     }
                     self.backend.write_copy(req.offset, req.data, req.generation, req.crc).await
-                } else if let Some(crcs) = block_crcs {
-                    self.backend.write_gen_with_crcs(req.offset, req.data, fua, req.generation, crcs).await
                 } else {
-                    self.backend.write_gen(req.offset, req.data, fua, req.generation).await
+                    self.backend.write_gen(req.offset, req.data, fua, req.generation, block_crcs).await
                 };
                 done.map(|_| Bytes::new())
             }
@@ -1088,21 +1076,11 @@ impl Backend for crate::Store {
         data: Bytes,
         fua: bool,
         generation: u64,
+        crcs: Option<Bytes>,
     ) -> impl Future<Output = Result<()>> + Send {
         // The server never drops a request's future early (see
         // `serve_requests`), so the write needs no task of its own.
-        crate::Store::write_gen_to_completion(self, offset, data, fua, generation, None)
-    }
-
-    fn write_gen_with_crcs(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-        generation: u64,
-        crcs: Bytes,
-    ) -> impl Future<Output = Result<()>> + Send {
-        crate::Store::write_gen_to_completion(self, offset, data, fua, generation, Some(crcs))
+        crate::Store::write_gen_to_completion(self, offset, data, fua, generation, crcs)
     }
 
     fn write_copy(
