@@ -691,10 +691,47 @@ struct Seq {
     next_sn: u32,
 }
 
+/// Where a write's data is gathered: memory the device passes on to its
+/// replicas without a copy, where it has some (see [`jiva_core::shm`]), as
+/// the NBD server receives its WRITE payloads; else our own.
+enum WriteBuf {
+    Shared(jiva_core::shm::ShmBuf),
+    Own(BytesMut),
+}
+
+impl WriteBuf {
+    fn new<D: BlockDevice>(lu: &jiva_scsi::LogicalUnit<D>, len: usize) -> WriteBuf {
+        match lu.device().payload_buffer(len) {
+            Some(shared) if shared.len() == len => WriteBuf::Shared(shared),
+            _ => WriteBuf::Own(BytesMut::zeroed(len)),
+        }
+    }
+
+    /// All of it, to write the data into where it belongs. (A shared
+    /// buffer counts as filled only once frozen, so all of it is unfilled.)
+    fn contents(&mut self) -> &mut [u8] {
+        match self {
+            WriteBuf::Shared(shared) => shared.unfilled(),
+            WriteBuf::Own(own) => own,
+        }
+    }
+
+    /// The data, once every byte of it has been written.
+    fn freeze(self) -> Bytes {
+        match self {
+            WriteBuf::Shared(mut shared) => {
+                shared.advance(shared.len());
+                shared.freeze()
+            }
+            WriteBuf::Own(own) => own.freeze(),
+        }
+    }
+}
+
 /// A write still collecting its data.
 struct PendingWrite {
     cmd: Cmd,
-    buf: BytesMut,
+    buf: WriteBuf,
     received: u32,
     unsolicited: Option<Seq>,
     r2ts: Vec<Seq>,
@@ -1129,8 +1166,8 @@ impl<D: BlockDevice> Reader<D> {
         } else {
             params.first_burst.min(c.edtl).max(imm_len)
         };
-        let mut buf = BytesMut::zeroed(c.edtl as usize);
-        buf[..imm.len()].copy_from_slice(&imm);
+        let mut buf = WriteBuf::new(&self.conn.target.lu, c.edtl as usize);
+        buf.contents()[..imm.len()].copy_from_slice(&imm);
         let unsolicited = (unsolicited_end > imm_len).then_some(Seq {
             ttt: RESERVED_TAG,
             start: imm_len,
@@ -1206,7 +1243,7 @@ impl<D: BlockDevice> Reader<D> {
                     pw.failed.get_or_insert(phase_error);
                 } else if pw.failed.is_none() {
                     let at = d.offset as usize;
-                    pw.buf[at..at + d.data.len()].copy_from_slice(&d.data);
+                    pw.buf.contents()[at..at + d.data.len()].copy_from_slice(&d.data);
                 }
                 seq.next_sn = seq.next_sn.wrapping_add(1);
                 seq.received = seq.received.saturating_add(len).min(seq.len);

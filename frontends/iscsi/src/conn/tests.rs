@@ -544,3 +544,76 @@ async fn an_initiator_that_never_reads_is_throttled() {
     };
     assert!(tokio::time::timeout(Duration::from_secs(3), flood).await.is_err(), "target read without bound");
 }
+
+/// A device whose WRITE data may come in memory it shares (as a volume's
+/// does with its replicas), counting the writes that did.
+struct SharingDevice {
+    mem: MemDevice,
+    pool: Arc<jiva_core::shm::ShmPool>,
+    shared_writes: std::sync::atomic::AtomicUsize,
+}
+
+impl BlockDevice for SharingDevice {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    fn capabilities(&self) -> jiva_core::device::Capabilities {
+        self.mem.capabilities()
+    }
+    async fn read(&self, offset: u64, len: usize) -> jiva_core::Result<Bytes> {
+        self.mem.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> jiva_core::Result<()> {
+        if self.pool.locate(&data).is_some() {
+            self.shared_writes.fetch_add(1, Ordering::Relaxed);
+        }
+        self.mem.write(offset, data, fua).await
+    }
+    fn payload_buffer(&self, len: usize) -> Option<jiva_core::shm::ShmBuf> {
+        self.pool.alloc(len)
+    }
+    async fn flush(&self) -> jiva_core::Result<()> {
+        self.mem.flush().await
+    }
+}
+
+#[tokio::test]
+async fn solicited_write_data_is_gathered_in_memory_the_device_shares() {
+    let dev = Arc::new(SharingDevice {
+        mem: MemDevice::new(SIZE),
+        pool: jiva_core::shm::ShmPool::new(8 << 20).unwrap(),
+        shared_writes: Default::default(),
+    });
+    let t = Arc::new(IscsiTarget::new(Arc::clone(&dev), IQN));
+    // With and without immediate data (which lands at the buffer's start),
+    // with data digests too.
+    for (i, (immediate_data, dd)) in [(false, false), (true, false), (true, true)].into_iter().enumerate() {
+        let mut o = LoginOptions::normal(INITIATOR, IQN);
+        o.immediate_data = immediate_data;
+        o.initial_r2t = true;
+        o.data_digest = dd;
+        o.first_burst = 8192;
+        o.max_burst = 65536;
+        o.isid[5] = i as u8;
+        let (a, b) = tokio::io::duplex(4 << 20);
+        tokio::spawn(Arc::clone(&t).handle_connection(b));
+        let mut c = Client::login(a, o).await.expect("login");
+        let before = dev.shared_writes.load(Ordering::Relaxed);
+        // Both larger than the first burst: solicited with R2Ts.
+        for (lba, blocks) in [(0u64, 2048u32), (4096, 33)] {
+            let data = pattern(blocks as usize * 512, i as u8 + lba as u8);
+            let cdb = Command::Write(rw(lba, blocks)).encode();
+            let r = c.command(&cdb, Some(&data), 0).await.expect("write");
+            assert_eq!((r.status, r.sense), (0, None), "mode {i} write {blocks} blocks");
+            let r =
+                c.command(&Command::Read(rw(lba, blocks)).encode(), None, blocks * 512).await.expect("read");
+            assert!(r.data == data, "mode {i}: read back {blocks} blocks differs");
+        }
+        assert_eq!(
+            dev.shared_writes.load(Ordering::Relaxed) - before,
+            2,
+            "mode {i}: writes not in shared memory"
+        );
+        assert_eq!(c.logout().await.unwrap(), 0);
+    }
+}
