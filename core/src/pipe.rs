@@ -291,6 +291,54 @@ pub fn set_receive_low_water(sock: BorrowedFd<'_>, bytes: usize) {
     }
 }
 
+/// Payload rests at least this large are waited for whole (see [`LowWater`]).
+pub const WHOLE_PAYLOAD_BYTES: usize = 128 * 1024;
+
+/// Keeps a TCP session from being woken for every segment of a large
+/// payload (an NBD WRITE's, an iSCSI data segment): before each wait, the
+/// socket's `SO_RCVLOWAT` is raised to the rest of the payload, so
+/// readiness comes once it has all arrived (or the receive buffer is under
+/// pressure, or the peer closed). One `recv` then takes it all. Before, a
+/// 1 MiB NBD payload took about four `recv`s and as many wake-ups, while
+/// the client was still sending it; 1 MiB writes went from 2081 to 2536
+/// MiB/s (1 replica, 4 paired rounds, every one won).
+///
+/// Only for a rest the peer sends without waiting for us (the rest of a
+/// message it has begun): a mark above what it sends before it waits for
+/// a reply would never be reached. So the mark is set again before every
+/// wait, as a partial read leaves less to come than the mark. It is back
+/// at 1 byte once the rest is small and when dropped, so the next header
+/// is seen at once.
+pub struct LowWater<'a> {
+    socket: Option<BorrowedFd<'a>>,
+    raised: bool,
+}
+
+impl<'a> LowWater<'a> {
+    /// `socket`: the session's TCP socket, if it is one.
+    pub fn new(socket: Option<BorrowedFd<'a>>) -> Self {
+        LowWater { socket, raised: false }
+    }
+
+    /// Call before each read, with the bytes still to come.
+    pub fn expect(&mut self, rest: usize) {
+        let Some(socket) = self.socket else { return };
+        if rest >= WHOLE_PAYLOAD_BYTES {
+            set_receive_low_water(socket, rest);
+            self.raised = true;
+        } else if self.raised {
+            set_receive_low_water(socket, 1);
+            self.raised = false;
+        }
+    }
+}
+
+impl Drop for LowWater<'_> {
+    fn drop(&mut self) {
+        self.expect(0);
+    }
+}
+
 /// Sets the `SOL_SOCKET` option `name` of `sock` to `value`.
 pub(crate) fn set_socket_int(sock: BorrowedFd<'_>, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: setsockopt on an open socket with an int value of the size we pass.

@@ -46,7 +46,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 
-use crate::pipe::cvt;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+
+use crate::pipe::{LowWater, cvt};
 
 /// Payloads at least this large go through shared memory where a replica
 /// has it. Even one block gains: with 3 replicas, 4 KiB random writes ran
@@ -399,6 +401,32 @@ impl ShmBuf {
         }
         Bytes::from_owner(self.slot)
     }
+}
+
+/// Receives a payload into `into`, shared memory, from a frontend's
+/// stream: what `rd` holds already, then the rest straight from the stream
+/// into place (waited for whole when large, where `socket` is the stream's
+/// TCP socket: see [`LowWater`]). The payload, frozen.
+pub async fn receive<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    mut into: ShmBuf,
+    socket: Option<BorrowedFd<'_>>,
+) -> io::Result<Bytes> {
+    let held = rd.buffer().len().min(into.len());
+    into.unfilled()[..held].copy_from_slice(&rd.buffer()[..held]);
+    into.advance(held);
+    rd.consume(held);
+    let mut low_water = LowWater::new(socket);
+    while into.filled() < into.len() {
+        low_water.expect(into.len() - into.filled());
+        // The reader's buffer is empty: reading around it keeps the order.
+        let n = rd.get_mut().read(into.unfilled()).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        into.advance(n);
+    }
+    Ok(into.freeze())
 }
 
 /// A replica's read-only mapping of a controller's pool.

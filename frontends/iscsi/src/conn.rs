@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use jiva_core::shm::ShmBuf;
 use jiva_core::{BlockDevice, MAX_IO_BYTES};
 use jiva_scsi::sense::key;
 use jiva_scsi::{Asc, Nexus, Outcome, Sense, Status, missing_lun};
@@ -162,10 +163,14 @@ async fn skip<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Result<(
     Ok(())
 }
 
+/// Reads one PDU. `share` offers memory the device shares with its
+/// replicas, for a WRITE's data that comes whole with its command (see
+/// [`whole_write_data`]).
 async fn read_pdu<R: AsyncRead + Unpin>(
-    rd: &mut R,
+    rd: &mut BufReader<R>,
     digests: Digests,
     max_data: u32,
+    share: Option<&(dyn Fn(usize) -> Option<ShmBuf> + Sync)>,
 ) -> Result<Option<Incoming>, ConnError> {
     let mut bhs = [0u8; BHS_LEN];
     if !read_header(rd, &mut bhs).await? {
@@ -189,29 +194,45 @@ async fn read_pdu<R: AsyncRead + Unpin>(
         skip(rd, (padded + digest_len) as u64).await?;
         return Ok(Some(Incoming::Bad { header: bhs, reason: reject::PROTOCOL_ERROR }));
     }
-    let mut data = BytesMut::with_capacity(padded);
-    {
-        let mut limited = (&mut *rd).take(padded as u64);
-        while data.len() < padded {
-            if limited.read_buf(&mut data).await? == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    let shared = share.filter(|_| whole_write_data(&bhs, len, padded)).and_then(|share| share(len));
+    let data = match shared {
+        Some(shared) => jiva_core::shm::receive(rd, shared, None).await?,
+        None => {
+            let mut data = BytesMut::with_capacity(padded);
+            let mut limited = (&mut *rd).take(padded as u64);
+            while data.len() < padded {
+                if limited.read_buf(&mut data).await? == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
             }
+            data.freeze()
         }
-    }
+    };
     let mut digest_ok = true;
     if digest_len > 0 {
         let mut d = [0u8; 4];
         rd.read_exact(&mut d).await?;
         digest_ok = u32::from_le_bytes(d) == pdu::crc32c(&[&data]);
     }
-    data.truncate(len);
-    Ok(Some(match Pdu::parse(&bhs, &ahs, data.freeze()) {
+    Ok(Some(match Pdu::parse(&bhs, &ahs, data.slice(..len)) {
         Ok(pdu) => Incoming::Pdu { pdu, digest_ok, header: bhs },
         Err(PduError::UnknownOpcode(_)) => {
             Incoming::Bad { header: bhs, reason: reject::COMMAND_NOT_SUPPORTED }
         }
         Err(_) => Incoming::Bad { header: bhs, reason: reject::INVALID_PDU_FIELD },
     }))
+}
+
+/// Whether a PDU's data segment of `len` bytes (`padded` with its padding)
+/// is all the data of a WRITE command (immediate data with nothing to
+/// follow), which then goes to the device as it is: worth receiving
+/// straight into memory the device shares. Kernel initiators send writes
+/// up to their first burst (256 KiB by default) so.
+fn whole_write_data(bhs: &[u8; BHS_LEN], len: usize, padded: usize) -> bool {
+    let scsi_command = bhs[0] & 0x3f == 0x01;
+    let write = bhs[1] & 0x20 != 0;
+    let expected = u32::from_be_bytes([bhs[20], bhs[21], bhs[22], bhs[23]]) as usize;
+    scsi_command && write && len == padded && len == expected
 }
 
 /// The write side of a connection: headers and small PDUs gather in a
@@ -340,7 +361,7 @@ fn random_bytes(buf: &mut [u8]) {
 
 async fn login_phase<D, R, W>(
     target: &Arc<IscsiTarget<D>>,
-    rd: &mut R,
+    rd: &mut BufReader<R>,
     wr: &mut W,
 ) -> Result<LoggedIn, ConnError>
 where
@@ -352,7 +373,7 @@ where
     let mut login = Login::new(&cfg.limits);
     let mut stat_sn: Option<u32> = None;
     loop {
-        let incoming = read_pdu(rd, Digests::default(), MAX_LOGIN_SEGMENT).await?;
+        let incoming = read_pdu(rd, Digests::default(), MAX_LOGIN_SEGMENT, None).await?;
         let req = match incoming {
             None => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
             Some(Incoming::Pdu { pdu: Pdu::LoginRequest(req), .. }) => req,
@@ -695,7 +716,7 @@ struct Seq {
 /// replicas without a copy, where it has some (see [`jiva_core::shm`]), as
 /// the NBD server receives its WRITE payloads; else our own.
 enum WriteBuf {
-    Shared(jiva_core::shm::ShmBuf),
+    Shared(ShmBuf),
     Own(BytesMut),
 }
 
@@ -764,7 +785,7 @@ struct Reader<D: BlockDevice> {
 async fn full_feature<D, R, W>(
     target: Arc<IscsiTarget<D>>,
     li: LoggedIn,
-    mut rd: R,
+    mut rd: BufReader<R>,
     wr: W,
     local: Option<SocketAddr>,
     mut shutdown: Shutdown,
@@ -808,6 +829,8 @@ where
         local,
     };
     let max_recv = params.max_recv_data_segment;
+    let device = Arc::clone(target.lu.device());
+    let share = move |len: usize| device.payload_buffer(len);
     let result: Result<End, ConnError> = loop {
         let incoming = tokio::select! {
             biased;
@@ -815,7 +838,7 @@ where
             _ = kill_rx.wait_for(|k| *k) => break Ok(End::Closed),
             r = async {
                 backlog.wait_below(MAX_BACKLOG).await;
-                read_pdu(&mut rd, digests, max_recv).await
+                read_pdu(&mut rd, digests, max_recv, Some(&share)).await
             } => r,
         };
         match incoming {

@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use jiva_core::pipe::{self, Payload};
+use jiva_core::pipe::{self, LowWater, Payload};
 use jiva_core::{
     BLOCK_SIZE, BlockDevice, Capabilities, Extent, ExtentState, MAX_IO_BYTES, ZeroFlags, check_range,
 };
@@ -957,9 +957,9 @@ where
             buffer = acquire_bytes(&limits.buffers, req.length).await;
             let len = req.length as usize;
             payload = Some(match splice_in {
-                _ if let Some(shared) = conn.device.payload_buffer(len) => {
-                    Payload::Bytes(receive_shared(rd, shared, splice_in).await?)
-                }
+                _ if let Some(shared) = conn.device.payload_buffer(len) => Payload::Bytes(
+                    jiva_core::shm::receive(rd, shared, splice_in.map(|s| s.get_ref().as_fd())).await?,
+                ),
                 Some(fd)
                     if conn.device.takes_piped_writes()
                         && (pipe::MIN_PIPED_WRITE_BYTES..=pipe::MAX_PIPED_BYTES).contains(&len) =>
@@ -1072,7 +1072,7 @@ async fn receive_bytes<R: AsyncRead + Unpin>(
     let held = rd.buffer().len().min(len - data.len().min(len));
     data.extend_from_slice(&rd.buffer()[..held]);
     rd.consume(held);
-    let mut low_water = LowWater::new(socket);
+    let mut low_water = LowWater::new(socket.map(|s| s.get_ref().as_fd()));
     while data.len() < len {
         let rest = len - data.len();
         low_water.expect(rest);
@@ -1090,76 +1090,6 @@ async fn receive_bytes<R: AsyncRead + Unpin>(
         }
     }
     Ok(data.freeze())
-}
-
-/// Receives a WRITE payload into memory the device shares (see
-/// [`jiva_core::shm`]): what `rd` holds already, then the rest straight
-/// from `socket` (waited for whole when large: [`LowWater`]).
-async fn receive_shared<R: AsyncRead + Unpin>(
-    rd: &mut BufReader<R>,
-    mut into: jiva_core::shm::ShmBuf,
-    socket: Option<&SpliceFd>,
-) -> io::Result<Bytes> {
-    let held = rd.buffer().len().min(into.len());
-    into.unfilled()[..held].copy_from_slice(&rd.buffer()[..held]);
-    into.advance(held);
-    rd.consume(held);
-    let mut low_water = LowWater::new(socket);
-    while into.filled() < into.len() {
-        low_water.expect(into.len() - into.filled());
-        // The reader's buffer is empty: reading around it keeps the order.
-        let n = rd.get_mut().read(into.unfilled()).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        into.advance(n);
-    }
-    Ok(into.freeze())
-}
-
-/// Payload rests at least this large are waited for whole (see [`LowWater`]).
-const WHOLE_PAYLOAD_BYTES: usize = 128 * 1024;
-
-/// Keeps a TCP session from being woken for every segment of a large WRITE
-/// payload: before each wait, the socket's `SO_RCVLOWAT` is raised to the
-/// rest of the payload, so readiness comes once it has all arrived (or the
-/// receive buffer is under pressure, or the peer closed). One `recv` then
-/// takes it all. Before, a 1 MiB payload took about four `recv`s and as
-/// many wake-ups, while the client was still sending it; 1 MiB writes went
-/// from 2081 to 2536 MiB/s (1 replica, 4 paired rounds, every one won).
-///
-/// The mark is set again before every wait, as a partial read leaves less
-/// to come than the mark: a mark above what the client will send before it
-/// waits for a reply would never be reached. It is back at 1 byte once the
-/// rest is small and when dropped, so the next header is seen at once.
-struct LowWater<'a> {
-    socket: Option<&'a SpliceFd>,
-    raised: bool,
-}
-
-impl<'a> LowWater<'a> {
-    /// `socket`: the session's TCP socket, if it is one.
-    fn new(socket: Option<&'a SpliceFd>) -> Self {
-        LowWater { socket, raised: false }
-    }
-
-    /// Call before each read, with the bytes still to come.
-    fn expect(&mut self, rest: usize) {
-        let Some(socket) = self.socket else { return };
-        if rest >= WHOLE_PAYLOAD_BYTES {
-            pipe::set_receive_low_water(socket.get_ref().as_fd(), rest);
-            self.raised = true;
-        } else if self.raised {
-            pipe::set_receive_low_water(socket.get_ref().as_fd(), 1);
-            self.raised = false;
-        }
-    }
-}
-
-impl Drop for LowWater<'_> {
-    fn drop(&mut self) {
-        self.expect(0);
-    }
 }
 
 /// Receives a `len`-byte WRITE payload into a pipe: what the reader holds

@@ -578,7 +578,7 @@ impl BlockDevice for SharingDevice {
 }
 
 #[tokio::test]
-async fn solicited_write_data_is_gathered_in_memory_the_device_shares() {
+async fn write_data_is_received_into_memory_the_device_shares() {
     let dev = Arc::new(SharingDevice {
         mem: MemDevice::new(SIZE),
         pool: jiva_core::shm::ShmPool::new(8 << 20).unwrap(),
@@ -599,8 +599,9 @@ async fn solicited_write_data_is_gathered_in_memory_the_device_shares() {
         tokio::spawn(Arc::clone(&t).handle_connection(b));
         let mut c = Client::login(a, o).await.expect("login");
         let before = dev.shared_writes.load(Ordering::Relaxed);
-        // Both larger than the first burst: solicited with R2Ts.
-        for (lba, blocks) in [(0u64, 2048u32), (4096, 33)] {
+        // Two larger than the first burst (solicited with R2Ts), one that
+        // fits it (all immediate data where that is on).
+        for (lba, blocks) in [(0u64, 2048u32), (4096, 33), (8192, 16)] {
             let data = pattern(blocks as usize * 512, i as u8 + lba as u8);
             let cdb = Command::Write(rw(lba, blocks)).encode();
             let r = c.command(&cdb, Some(&data), 0).await.expect("write");
@@ -611,7 +612,7 @@ async fn solicited_write_data_is_gathered_in_memory_the_device_shares() {
         }
         assert_eq!(
             dev.shared_writes.load(Ordering::Relaxed) - before,
-            2,
+            3,
             "mode {i}: writes not in shared memory"
         );
         assert_eq!(c.logout().await.unwrap(), 0);

@@ -910,13 +910,13 @@ async fn large_payloads_arriving_in_pieces_over_tcp_do_not_stall_the_session() {
     let (server, dev) = mem_server();
     let (mut sock, stop_tx, serving, _) = serve_over_tcp(Arc::clone(&server)).await;
 
-    for (round, len) in [(0u8, SIZE as usize), (1, 3 * WHOLE_PAYLOAD_BYTES / 2)] {
+    for (round, len) in [(0u8, SIZE as usize), (1, 3 * pipe::WHOLE_PAYLOAD_BYTES / 2)] {
         let data = pattern(round, len);
         // The header with a first piece, which the server reads partly
         // after raising the mark (so less is left than the mark), more
         // pieces, and a rest below the large-payload size, with pauses the
         // server sleeps through.
-        let cuts = [0, len / 3, len - WHOLE_PAYLOAD_BYTES / 2, len];
+        let cuts = [0, len / 3, len - pipe::WHOLE_PAYLOAD_BYTES / 2, len];
         for (i, piece) in cuts.windows(2).enumerate() {
             let mut b = if i == 0 { req(CMD_WRITE, 1, 0, len as u32).encode().to_vec() } else { Vec::new() };
             b.extend_from_slice(&data[piece[0]..piece[1]]);
