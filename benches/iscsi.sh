@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# iSCSI read benchmark: libiscsi's iscsi-perf (random 4 KiB reads at queue
-# depth 32, sequential 1 MiB reads at queue depth 8) against
+# iSCSI benchmark: libiscsi's iscsi-perf (random 4 KiB reads at queue
+# depth 32, sequential 1 MiB reads at queue depth 8) and qemu-img bench
+# (sequential 4 KiB, 256 KiB and 1 MiB writes, through libiscsi) against
 #   tgtd     the reference userspace target, on a backing file;
 #   frontend jiva's iSCSI target alone (the file_target example) on the
 #            same file: the transport and SCSI layer, nothing else;
@@ -112,11 +113,27 @@ perf() {
     echo "${out:-0 0}"
 }
 
+# iscsi-perf only reads. Writes: qemu-img bench (libiscsi too), sequential,
+# a fixed amount; prints "Run completed in N seconds." Prints "IOPS MB/s".
+wbench() {
+    local bs=$1 depth=$2 count=$3 url=$4 secs
+    sync
+    secs=$(timeout 300 qemu-img bench -f raw -w -s "$bs" -d "$depth" -c "$count" "$url" 2>&1 |
+        sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p')
+    python3 -c "import sys; c, b, s = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3] or 0)
+print(f'{c / s:.0f} {c * b / s / 1e6:.0f}' if s else '0 0')" "$count" "$(numfmt --from=iec "${bs^^}")" "$secs"
+}
+
 for t in tgtd frontend jiva; do
     echo "== $t: random 4k reads (qd 32), then 1M sequential reads (qd 8), ${runtime}s each"
     result[$t-rand]=$(perf -r -b 8 -m 32 "${url[$t]}")
     result[$t-seq]=$(perf -b 2048 -m 8 "${url[$t]}")
     echo "   ${result[$t-rand]% *} IOPS random 4k, ${result[$t-seq]#* } MB/s sequential 1M"
+    echo "== $t: sequential writes with qemu-img bench: 4k (qd 32), 256k (qd 8, the largest a kernel initiator sends whole with its command), 1M (qd 8)"
+    result[$t-w4k]=$(wbench 4k 32 $((size_mib * 256)) "${url[$t]}")
+    result[$t-w256k]=$(wbench 256k 8 $((size_mib * 16)) "${url[$t]}")
+    result[$t-w1m]=$(wbench 1M 8 $((size_mib * 4)) "${url[$t]}")
+    echo "   ${result[$t-w4k]% *} IOPS 4k, ${result[$t-w256k]#* } MB/s 256k, ${result[$t-w1m]#* } MB/s 1M"
 done
 
 ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{a / b:.2f}' if b else 'n/a')" "$1" "$2"; }
@@ -128,4 +145,15 @@ for t in tgtd frontend jiva; do
     s=${result[$t-seq]#* }
     printf '%-10s %14s %10s %16s %10s\n' "$t" "$r" "$(ratio "$r" "${result[tgtd-rand]% *}")" \
         "$s" "$(ratio "$s" "${result[tgtd-seq]#* }")"
+done
+echo
+echo "writes (qemu-img bench, sequential: 4k one pass over the $size_mib MiB, 256k and 1M four passes)"
+printf '%-10s %14s %10s %16s %10s %16s %10s\n' target "write 4k IOPS" "vs tgtd" "write 256k MB/s" "vs tgtd" \
+    "write 1M MB/s" "vs tgtd"
+for t in tgtd frontend jiva; do
+    w4=${result[$t-w4k]% *}
+    w256=${result[$t-w256k]#* }
+    w1=${result[$t-w1m]#* }
+    printf '%-10s %14s %10s %16s %10s %16s %10s\n' "$t" "$w4" "$(ratio "$w4" "${result[tgtd-w4k]% *}")" \
+        "$w256" "$(ratio "$w256" "${result[tgtd-w256k]#* }")" "$w1" "$(ratio "$w1" "${result[tgtd-w1m]#* }")"
 done
