@@ -7,8 +7,8 @@ with absolute figures, ratios to each peer, server CPU time per I/O, and a
 description of the machine. Then runs benches/rebuild.py (rebuild
 throughput, CPU per GiB, foreground IOPS during a rebuild) and
 benches/snapshots.py (random-read latency with a chain of 100 snapshots vs
-1) and adds their summaries; --iscsi adds benches/iscsi.sh (iscsi-perf vs
-tgtd). Short by default; --runtime makes it longer, --rounds N repeats the
+1) and adds their summaries; --iscsi adds benches/iscsi.sh (iscsi-perf
+reads and qemu-img bench writes, vs tgtd). Short by default; --runtime makes it longer, --rounds N repeats the
 whole NBD table N times and reports per-cell medians (ratios are taken
 within each round, then their median and range), which is what to use on a
 shared, noisy machine. Within a round every target is up at once and each
@@ -232,7 +232,7 @@ def main():
     ap.add_argument("--only", help="comma-separated target names to run (e.g. 'jiva 1r,nbdkit file')")
     ap.add_argument("--no-extras", action="store_true",
                     help="skip the rebuild (benches/rebuild.py) and snapshot chain (benches/snapshots.py) runs")
-    ap.add_argument("--iscsi", action="store_true", help="also run benches/iscsi.sh (iscsi-perf vs tgtd)")
+    ap.add_argument("--iscsi", action="store_true", help="also run benches/iscsi.sh (reads and writes over iSCSI, vs tgtd)")
     args = ap.parse_args()
     for t in ("fio", "nbdkit", "qemu-nbd"):
         need(t)
@@ -382,7 +382,7 @@ def run_extras(args):
                  ("Snapshot chain (4k random-read latency, chain of 100 vs 1)",
                   [sys.executable, os.path.join(here, "snapshots.py"), "--jiva", args.jiva])]
     if args.iscsi:
-        runs.append(("iSCSI (iscsi-perf, ours vs tgtd on the same file)",
+        runs.append(("iSCSI (iscsi-perf reads, qemu-img bench writes, ours vs tgtd on the same file)",
                      ["bash", os.path.join(here, "iscsi.sh")]))
     out = []
     for title, cmd in runs:
