@@ -82,6 +82,21 @@ fn zero_tail(ring: &Ring, iov: &[crate::ring::Segment], mut skip: usize) {
 
 /// Runs the device until `stop` resolves (then finishes the commands in
 /// flight) or the ring turns out corrupt.
+/// A command's data-out buffers in one piece: copied into memory the
+/// device shares with its replicas where it has some (so a volume passes
+/// them on without another copy, see [`jiva_core::shm`]), else into ours.
+fn data_out<D: BlockDevice>(ring: &Ring, cmd: &Command, lu: &LogicalUnit<D>) -> Bytes {
+    let len = cmd.iov.iter().map(|s| s.len).sum();
+    match lu.device().payload_buffer(len) {
+        Some(mut shared) if shared.len() == len => {
+            ring.gather_into(&cmd.iov, shared.unfilled());
+            shared.advance(len);
+            shared.freeze()
+        }
+        _ => Bytes::from(ring.gather(&cmd.iov)),
+    }
+}
+
 pub async fn run<D: BlockDevice, B: Doorbell>(
     mut ring: Ring,
     mut bell: B,
@@ -102,7 +117,7 @@ pub async fn run<D: BlockDevice, B: Doorbell>(
                 match entry {
                     Entry::Command(cmd) => {
                         let data_out =
-                            if is_read(&cmd.cdb) { Bytes::new() } else { Bytes::from(ring.gather(&cmd.iov)) };
+                            if is_read(&cmd.cdb) { Bytes::new() } else { data_out(&ring, &cmd, &lu) };
                         let (lu, nexus) = (Arc::clone(&lu), nexus.clone());
                         running.push(async move {
                             let out = lu.execute(&nexus, &cmd.cdb, data_out).await;

@@ -37,8 +37,10 @@ impl Doorbell for FakeBell {
 }
 
 /// A memory device whose I/O to lower blocks takes longer, so commands
-/// complete in a different order than they arrived.
-struct Slow(MemDevice);
+/// complete in a different order than they arrived. It offers payload
+/// memory, as a volume with local replicas does, and counts the writes
+/// whose data came in it.
+struct Slow(MemDevice, Arc<jiva_core::shm::ShmPool>, AtomicUsize);
 
 impl Slow {
     async fn delay(offset: u64) {
@@ -59,8 +61,14 @@ impl BlockDevice for Slow {
         self.0.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DevResult<()> {
+        if self.1.locate(&data).is_some() {
+            self.2.fetch_add(1, Ordering::SeqCst);
+        }
         Self::delay(offset).await;
         self.0.write(offset, data, fua).await
+    }
+    fn payload_buffer(&self, len: usize) -> Option<jiva_core::shm::ShmBuf> {
+        self.1.alloc(len)
     }
     async fn flush(&self) -> DevResult<()> {
         self.0.flush().await
@@ -90,7 +98,8 @@ impl Rig {
         let ring = Ring::open(mem.map()).unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         let kicks = Arc::new(AtomicUsize::new(0));
-        let dev = Arc::new(Slow(MemDevice::new(DEV_SIZE)));
+        let pool = jiva_core::shm::ShmPool::new(1 << 20).unwrap();
+        let dev = Arc::new(Slow(MemDevice::new(DEV_SIZE), pool, AtomicUsize::new(0)));
         let lu = Arc::new(LogicalUnit::new(Arc::clone(&dev), Identity::for_volume("v")));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let bell = FakeBell { rx, kicks: Arc::clone(&kicks) };
@@ -172,6 +181,7 @@ async fn many_commands_in_flight_with_split_iovecs() {
     ids.sort();
     assert_eq!(ids, (100..100 + N as u16).collect::<Vec<_>>());
     assert!(slots.iter().all(|&s| rig.k.response(s).1 == 0), "every write GOOD");
+    assert_eq!(rig.dev.2.load(Ordering::SeqCst), N, "write data not gathered in payload memory");
     for i in 0..N {
         assert_eq!(
             rig.dev.0.read(4096 * i as u64, 4096).await.unwrap()[..],
