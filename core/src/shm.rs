@@ -44,10 +44,10 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::Bytes;
-
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
+use crate::device::BlockDevice;
 use crate::pipe::{LowWater, cvt};
 
 /// Payloads at least this large go through shared memory where a replica
@@ -400,6 +400,45 @@ impl ShmBuf {
             entry.store(0, Ordering::Relaxed);
         }
         Bytes::from_owner(self.slot)
+    }
+}
+
+/// Room for a `len`-byte WRITE payload that a frontend fills in any order
+/// (an iSCSI write's segments, a TCMU command's buffers): memory the device
+/// shares with its replicas where it offers some
+/// ([`BlockDevice::payload_buffer`]), so that it passes the payload on
+/// without a copy; else our own.
+pub enum PayloadBuf {
+    Shared(ShmBuf),
+    Own(BytesMut),
+}
+
+impl PayloadBuf {
+    pub fn new<D: BlockDevice>(device: &D, len: usize) -> PayloadBuf {
+        match device.payload_buffer(len) {
+            Some(shared) if shared.len() == len => PayloadBuf::Shared(shared),
+            _ => PayloadBuf::Own(BytesMut::zeroed(len)),
+        }
+    }
+
+    /// All of it, to write each part of the payload where it belongs.
+    pub fn contents(&mut self) -> &mut [u8] {
+        match self {
+            // Nothing counts as received before `freeze`: all is unfilled.
+            PayloadBuf::Shared(shared) => shared.unfilled(),
+            PayloadBuf::Own(own) => own,
+        }
+    }
+
+    /// The payload, once every byte of it has been written.
+    pub fn freeze(self) -> Bytes {
+        match self {
+            PayloadBuf::Shared(mut shared) => {
+                shared.advance(shared.len());
+                shared.freeze()
+            }
+            PayloadBuf::Own(own) => own.freeze(),
+        }
     }
 }
 

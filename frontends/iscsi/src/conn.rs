@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use jiva_core::shm::ShmBuf;
+use jiva_core::shm::{PayloadBuf, ShmBuf};
 use jiva_core::{BlockDevice, MAX_IO_BYTES};
 use jiva_scsi::sense::key;
 use jiva_scsi::{Asc, Nexus, Outcome, Sense, Status, missing_lun};
@@ -165,7 +165,7 @@ async fn skip<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Result<(
 
 /// Reads one PDU. `share` offers memory the device shares with its
 /// replicas, for a WRITE's data that comes whole with its command (see
-/// [`whole_write_data`]).
+/// [`pdu::is_whole_write`]).
 async fn read_pdu<R: AsyncRead + Unpin>(
     rd: &mut BufReader<R>,
     digests: Digests,
@@ -194,7 +194,9 @@ async fn read_pdu<R: AsyncRead + Unpin>(
         skip(rd, (padded + digest_len) as u64).await?;
         return Ok(Some(Incoming::Bad { header: bhs, reason: reject::PROTOCOL_ERROR }));
     }
-    let shared = share.filter(|_| whole_write_data(&bhs, len, padded)).and_then(|share| share(len));
+    // All of a write's data, which then goes to the device as it is.
+    let whole_write = len == padded && pdu::is_whole_write(&bhs);
+    let shared = share.filter(|_| whole_write).and_then(|share| share(len));
     let data = match shared {
         Some(shared) => jiva_core::shm::receive(rd, shared, None).await?,
         None => {
@@ -221,18 +223,6 @@ async fn read_pdu<R: AsyncRead + Unpin>(
         }
         Err(_) => Incoming::Bad { header: bhs, reason: reject::INVALID_PDU_FIELD },
     }))
-}
-
-/// Whether a PDU's data segment of `len` bytes (`padded` with its padding)
-/// is all the data of a WRITE command (immediate data with nothing to
-/// follow), which then goes to the device as it is: worth receiving
-/// straight into memory the device shares. Kernel initiators send writes
-/// up to their first burst (256 KiB by default) so.
-fn whole_write_data(bhs: &[u8; BHS_LEN], len: usize, padded: usize) -> bool {
-    let scsi_command = bhs[0] & 0x3f == 0x01;
-    let write = bhs[1] & 0x20 != 0;
-    let expected = u32::from_be_bytes([bhs[20], bhs[21], bhs[22], bhs[23]]) as usize;
-    scsi_command && write && len == padded && len == expected
 }
 
 /// The write side of a connection: headers and small PDUs gather in a
@@ -712,47 +702,10 @@ struct Seq {
     next_sn: u32,
 }
 
-/// Where a write's data is gathered: memory the device passes on to its
-/// replicas without a copy, where it has some (see [`jiva_core::shm`]), as
-/// the NBD server receives its WRITE payloads; else our own.
-enum WriteBuf {
-    Shared(ShmBuf),
-    Own(BytesMut),
-}
-
-impl WriteBuf {
-    fn new<D: BlockDevice>(lu: &jiva_scsi::LogicalUnit<D>, len: usize) -> WriteBuf {
-        match lu.device().payload_buffer(len) {
-            Some(shared) if shared.len() == len => WriteBuf::Shared(shared),
-            _ => WriteBuf::Own(BytesMut::zeroed(len)),
-        }
-    }
-
-    /// All of it, to write the data into where it belongs. (A shared
-    /// buffer counts as filled only once frozen, so all of it is unfilled.)
-    fn contents(&mut self) -> &mut [u8] {
-        match self {
-            WriteBuf::Shared(shared) => shared.unfilled(),
-            WriteBuf::Own(own) => own,
-        }
-    }
-
-    /// The data, once every byte of it has been written.
-    fn freeze(self) -> Bytes {
-        match self {
-            WriteBuf::Shared(mut shared) => {
-                shared.advance(shared.len());
-                shared.freeze()
-            }
-            WriteBuf::Own(own) => own.freeze(),
-        }
-    }
-}
-
 /// A write still collecting its data.
 struct PendingWrite {
     cmd: Cmd,
-    buf: WriteBuf,
+    buf: PayloadBuf,
     received: u32,
     unsolicited: Option<Seq>,
     r2ts: Vec<Seq>,
@@ -1189,7 +1142,7 @@ impl<D: BlockDevice> Reader<D> {
         } else {
             params.first_burst.min(c.edtl).max(imm_len)
         };
-        let mut buf = WriteBuf::new(&self.conn.target.lu, c.edtl as usize);
+        let mut buf = PayloadBuf::new(&**self.conn.target.lu.device(), c.edtl as usize);
         buf.contents()[..imm.len()].copy_from_slice(&imm);
         let unsolicited = (unsolicited_end > imm_len).then_some(Seq {
             ttt: RESERVED_TAG,

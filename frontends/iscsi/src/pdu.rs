@@ -132,6 +132,14 @@ pub struct Frame {
     pub data_len: u32,
 }
 
+/// Whether `bhs` is a SCSI command that writes and whose data segment is
+/// all of its data (immediate data with nothing to follow). Kernel
+/// initiators send writes up to their first burst (256 KiB by default) so.
+pub fn is_whole_write(bhs: &[u8; BHS_LEN]) -> bool {
+    let frame = Frame::parse(bhs);
+    frame.opcode == opcode::SCSI_COMMAND && bhs[1] & 0x20 != 0 && frame.data_len == be32(bhs, 20)
+}
+
 impl Frame {
     pub fn parse(bhs: &[u8; BHS_LEN]) -> Frame {
         Frame {

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use jiva_core::BlockDevice;
+use jiva_core::shm::PayloadBuf;
 use jiva_scsi::sense::{Asc, Sense, Status, key};
 use jiva_scsi::{LogicalUnit, Nexus, Outcome};
 
@@ -82,19 +83,12 @@ fn zero_tail(ring: &Ring, iov: &[crate::ring::Segment], mut skip: usize) {
 
 /// Runs the device until `stop` resolves (then finishes the commands in
 /// flight) or the ring turns out corrupt.
-/// A command's data-out buffers in one piece: copied into memory the
-/// device shares with its replicas where it has some (so a volume passes
-/// them on without another copy, see [`jiva_core::shm`]), else into ours.
+/// A command's data-out buffers in one piece, in memory the device shares
+/// with its replicas where it has some (see [`PayloadBuf`]).
 fn data_out<D: BlockDevice>(ring: &Ring, cmd: &Command, lu: &LogicalUnit<D>) -> Bytes {
-    let len = cmd.iov.iter().map(|s| s.len).sum();
-    match lu.device().payload_buffer(len) {
-        Some(mut shared) if shared.len() == len => {
-            ring.gather_into(&cmd.iov, shared.unfilled());
-            shared.advance(len);
-            shared.freeze()
-        }
-        _ => Bytes::from(ring.gather(&cmd.iov)),
-    }
+    let mut buf = PayloadBuf::new(&**lu.device(), cmd.iov.iter().map(|s| s.len).sum());
+    ring.gather(&cmd.iov, buf.contents());
+    buf.freeze()
 }
 
 pub async fn run<D: BlockDevice, B: Doorbell>(

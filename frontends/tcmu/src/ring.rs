@@ -304,16 +304,9 @@ impl Ring {
         Ok(Command { cmd_id, cdb, iov })
     }
 
-    /// Copies a command's data-out buffers into one vector.
-    pub fn gather(&self, iov: &[Segment]) -> Vec<u8> {
-        let mut out = vec![0u8; iov.iter().map(|s| s.len).sum()];
-        self.gather_into(iov, &mut out);
-        out
-    }
-
-    /// Copies a command's data-out buffers into `out`, which is as long as
-    /// they are together.
-    pub fn gather_into(&self, iov: &[Segment], out: &mut [u8]) {
+    /// Copies a command's data-out buffers into `out`, which is as long
+    /// as they are together.
+    pub fn gather(&self, iov: &[Segment], out: &mut [u8]) {
         let mut pos = 0;
         for s in iov {
             // Segments were validated against the map when parsed.

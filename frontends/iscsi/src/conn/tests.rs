@@ -30,6 +30,25 @@ async fn login(t: &Arc<IscsiTarget<MemDevice>>, o: LoginOptions) -> Client<Duple
     Client::login(s, o).await.expect("login")
 }
 
+/// Login options for session `i` of a test that goes through data modes:
+/// an 8 KiB first burst, so that larger writes are solicited.
+fn data_mode(
+    i: usize,
+    immediate_data: bool,
+    initial_r2t: bool,
+    header_digest: bool,
+    data_digest: bool,
+) -> LoginOptions {
+    let mut o = LoginOptions::normal(INITIATOR, IQN);
+    o.immediate_data = immediate_data;
+    o.initial_r2t = initial_r2t;
+    o.header_digest = header_digest;
+    o.data_digest = data_digest;
+    o.first_burst = 8192;
+    o.isid[5] = i as u8;
+    o
+}
+
 fn rw(lba: u64, blocks: u32) -> Rw {
     Rw { width: Width::W16, lba, blocks, dpo: false, fua: false, protect: 0 }
 }
@@ -58,14 +77,8 @@ async fn write_read_every_data_mode() {
         (false, false, true, false),
     ];
     for (i, (immediate_data, initial_r2t, hd, dd)) in modes.into_iter().enumerate() {
-        let mut o = LoginOptions::normal(INITIATOR, IQN);
-        o.immediate_data = immediate_data;
-        o.initial_r2t = initial_r2t;
-        o.header_digest = hd;
-        o.data_digest = dd;
-        o.first_burst = 8192;
+        let mut o = data_mode(i, immediate_data, initial_r2t, hd, dd);
         o.max_burst = 16384;
-        o.isid[5] = i as u8;
         let mut c = login(&t, o).await;
         assert_eq!(c.digests(), Digests { header: hd, data: dd });
         // Larger than the first burst and several bursts: R2Ts, several
@@ -588,13 +601,8 @@ async fn write_data_is_received_into_memory_the_device_shares() {
     // With and without immediate data (which lands at the buffer's start),
     // with data digests too.
     for (i, (immediate_data, dd)) in [(false, false), (true, false), (true, true)].into_iter().enumerate() {
-        let mut o = LoginOptions::normal(INITIATOR, IQN);
-        o.immediate_data = immediate_data;
-        o.initial_r2t = true;
-        o.data_digest = dd;
-        o.first_burst = 8192;
+        let mut o = data_mode(i, immediate_data, true, false, dd);
         o.max_burst = 65536;
-        o.isid[5] = i as u8;
         let (a, b) = tokio::io::duplex(4 << 20);
         tokio::spawn(Arc::clone(&t).handle_connection(b));
         let mut c = Client::login(a, o).await.expect("login");

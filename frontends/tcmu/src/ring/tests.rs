@@ -197,7 +197,8 @@ fn gather_joins_segments() {
     let _k = Kernel::new(&mem);
     let ring = Ring::open(mem.map()).unwrap();
     let segs = [Segment { offset: DATA_OFF, len: 100 }, Segment { offset: DATA_OFF + 1000, len: 50 }];
-    let v = ring.gather(&segs);
+    let mut v = vec![0u8; segs.iter().map(|s| s.len).sum()];
+    ring.gather(&segs, &mut v);
     assert_eq!(v.len(), 150);
     assert!(v[..100].iter().all(|&b| b == 1) && v[100..].iter().all(|&b| b == 2));
 }
