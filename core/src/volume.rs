@@ -41,6 +41,10 @@ use crate::replica::{Connector, Replica};
 use crate::wire::{Membership, RebuildMark, ReplicaMeta, SnapshotEntry};
 
 const BS: u64 = BLOCK_SIZE as u64;
+
+/// Slots for [`Volume::at_once_misses`]: about as many as reads in flight.
+/// A slot overwritten before its async read comes only loses the hint.
+const AT_ONCE_MISS_SLOTS: usize = 64;
 /// How long a snapshot operation waits for another one (or for a returning
 /// replica's snapshot copy) before it gives up.
 const SNAPSHOT_OPS_WAIT: Duration = Duration::from_secs(5);
@@ -221,6 +225,8 @@ impl<L> Member<L> {
 
 /// A serving member with its current link.
 type Pick<L> = (Arc<Member<L>>, Arc<L>);
+/// A pick with its member's position among the members.
+type Placed<L> = (usize, Pick<L>);
 
 /// Counts a request as in flight on a member for its lifetime.
 struct InFlight<'a>(&'a AtomicUsize);
@@ -270,6 +276,10 @@ pub struct Volume<C: Connector> {
     members: RwLock<Vec<Arc<Member<C::Link>>>>,
     writes: RangeLock,
     next_read: AtomicUsize,
+    /// Which member the at-once read of an offset picked and could not be
+    /// served by (see [`Volume::read_at_once`]), so that the async read
+    /// that follows asks that member first.
+    at_once_misses: [AtomicU64; AT_ONCE_MISS_SLOTS],
     /// Generation that new I/O carries.
     generation: AtomicU64,
     /// In-flight replica I/O per generation.
@@ -377,6 +387,7 @@ impl<C: Connector> Volume<C> {
             members: RwLock::new(Vec::new()),
             writes: RangeLock::new(),
             next_read: AtomicUsize::new(0),
+            at_once_misses: std::array::from_fn(|_| AtomicU64::new(0)),
             generation: AtomicU64::new(0),
             inflight: Mutex::new(BTreeMap::new()),
             drained: Notify::new(),
@@ -880,7 +891,8 @@ impl<C: Connector> Volume<C> {
         self.wait_quorum(Op::Read).await?;
         let mut last_err = None;
         let mut corrupt_on: Vec<Pick<C::Link>> = Vec::new();
-        for (m, link) in self.read_order() {
+        let first = self.take_at_once_miss(offset);
+        for (_, (m, link)) in self.read_order_at(first) {
             let result = {
                 let _in_flight = InFlight::new(&m.in_flight);
                 read(link.clone()).await
@@ -912,18 +924,54 @@ impl<C: Connector> Volume<C> {
     /// Healthy members in the order a read should try them: least loaded
     /// first, ties broken round-robin.
     fn read_order(&self) -> impl Iterator<Item = Pick<C::Link>> + use<C> {
-        let mut order: Vec<(usize, Pick<C::Link>)> = {
+        self.read_order_at(None).into_iter().map(|(_, pick)| pick)
+    }
+
+    /// [`Volume::read_order`] with each member's position among the
+    /// members, and the one at position `first`, if given, put first.
+    fn read_order_at(&self, first: Option<usize>) -> Vec<Placed<C::Link>> {
+        // Sorted by load, with the member asked for first below all loads.
+        let mut order: Vec<(usize, Placed<C::Link>)> = {
             let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
             let n = members.len().max(1);
             let start = self.next_read.fetch_add(1, Ordering::Relaxed);
             (0..members.len())
-                .map(|i| &members[(start + i) % n])
-                .filter(|m| m.is_healthy())
-                .filter_map(|m| m.link().map(|l| (m.in_flight.load(Ordering::Relaxed), (m.clone(), l))))
+                .map(|i| ((start + i) % n, &members[(start + i) % n]))
+                .filter(|(_, m)| m.is_healthy())
+                .filter_map(|(pos, m)| {
+                    let key = if Some(pos) == first { 0 } else { m.in_flight.load(Ordering::Relaxed) + 1 };
+                    m.link().map(|l| (key, (pos, (m.clone(), l))))
+                })
                 .collect()
         };
-        order.sort_by_key(|(load, _)| *load);
-        order.into_iter().map(|(_, pick)| pick)
+        order.sort_by_key(|(key, _)| *key);
+        order.into_iter().map(|(_, pick)| pick).collect()
+    }
+
+    /// Remembers that the member at `pos` could not serve a read of
+    /// `offset` at once. Its reason may be a checksum mismatch, which only
+    /// that member's replica can confirm (and have repaired): the async
+    /// read asks it first rather than picking afresh.
+    fn note_at_once_miss(&self, offset: u64, pos: usize) {
+        if offset.is_multiple_of(BS) && pos < 0xff {
+            let slot = (offset / BS) as usize % AT_ONCE_MISS_SLOTS;
+            self.at_once_misses[slot].store((offset / BS) << 8 | (pos as u64 + 1), Ordering::Relaxed);
+        }
+    }
+
+    /// The member position noted by [`Volume::note_at_once_miss`] for
+    /// `offset`, if any, taken so that it steers one read only.
+    fn take_at_once_miss(&self, offset: u64) -> Option<usize> {
+        if !offset.is_multiple_of(BS) {
+            return None;
+        }
+        let slot = &self.at_once_misses[(offset / BS) as usize % AT_ONCE_MISS_SLOTS];
+        let noted = slot.load(Ordering::Relaxed);
+        if noted == 0 || noted >> 8 != offset / BS {
+            return None;
+        }
+        slot.compare_exchange(noted, 0, Ordering::Relaxed, Ordering::Relaxed).ok()?;
+        Some((noted & 0xff) as usize - 1)
     }
 
     /// Rewrites a corrupt copy on `bad` with data read (again, under the
@@ -1796,12 +1844,17 @@ impl<C: Connector> BlockDevice for Volume<C> {
         if self.is_paused() || self.healthy_count() < self.opts.min_healthy.max(1) {
             return None;
         }
-        // One member, picked as the async reads pick them: where it cannot
-        // (not cached, a checksum mismatch), the async way decides, so a
-        // corrupt copy is still found out and repaired there.
-        let (m, link) = self.read_order().find(|(_, link)| link.reads_at_once(len))?;
+        // One member, picked as the async reads pick them. Where it cannot
+        // (not cached, a checksum mismatch), the async read that follows
+        // asks it first, so a corrupt copy is still found out by its
+        // replica and repaired from another.
+        let (pos, (m, link)) =
+            self.read_order_at(None).into_iter().find(|(_, (_, link))| link.reads_at_once(len))?;
         let _in_flight = InFlight::new(&m.in_flight);
-        let data = link.read_at_once(offset, len)?;
+        let Some(data) = link.read_at_once(offset, len) else {
+            self.note_at_once_miss(offset, pos);
+            return None;
+        };
         m.reads.fetch_add(1, Ordering::Relaxed);
         Some(data)
     }

@@ -242,6 +242,25 @@ async fn corrupt_read_is_retried_and_repaired() {
 }
 
 #[tokio::test]
+async fn a_read_not_served_at_once_asks_the_same_member_first() {
+    let (c, addrs) = connector(3);
+    let v = open(&c, &addrs, 1, opts()).await.unwrap();
+    v.note_at_once_miss(8192, 2);
+    assert_eq!(v.take_at_once_miss(4096), None, "another offset");
+    let order = |first| v.read_order_at(first).into_iter().map(|(pos, _)| pos).collect::<Vec<_>>();
+    let first = v.take_at_once_miss(8192);
+    assert_eq!(first, Some(2));
+    assert_eq!(order(first)[0], 2);
+    assert_eq!(v.take_at_once_miss(8192), None, "a note steers one read only");
+    // A slot reused by another offset no longer steers the first.
+    v.note_at_once_miss(8192, 1);
+    v.note_at_once_miss(8192 + AT_ONCE_MISS_SLOTS as u64 * BS, 0);
+    assert_eq!(v.take_at_once_miss(8192), None);
+    v.note_at_once_miss(8192 + 512, 1);
+    assert_eq!(v.take_at_once_miss(8192 + 512), None, "unaligned reads are not noted");
+}
+
+#[tokio::test]
 async fn error_on_every_replica_goes_to_the_client_without_marking() {
     let (c, addrs) = connector(2);
     let v = open(&c, &addrs, 1, opts()).await.unwrap();
