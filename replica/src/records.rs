@@ -180,9 +180,8 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn sees_records_written_after_mapping() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A fresh records file of `len` bytes in `dir`.
+    fn records_file(dir: &tempfile::TempDir, len: u64) -> File {
         let file = File::options()
             .read(true)
             .write(true)
@@ -190,7 +189,14 @@ mod tests {
             .truncate(true)
             .open(dir.path().join("r"))
             .unwrap();
-        file.set_len(4 * REC as u64).unwrap();
+        file.set_len(len).unwrap();
+        file
+    }
+
+    #[test]
+    fn sees_records_written_after_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = records_file(&dir, 4 * REC as u64);
         let map = RecordMap::new(&file, 4 * REC as u64).unwrap();
         assert_eq!(map.get(2), Some([0u8; REC]));
         let rec: [u8; REC] = std::array::from_fn(|i| i as u8 + 1);
@@ -206,15 +212,8 @@ mod tests {
     fn stores_reach_the_file_in_allocated_chunks_only() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("r"))
-            .unwrap();
         let chunk = CHUNK_RECORDS * REC as u64;
-        file.set_len(2 * chunk).unwrap();
+        let file = records_file(&dir, 2 * chunk);
         let allocated = || file.metadata().unwrap().blocks() * 512;
         let map = RecordMap::new(&file, 2 * chunk).unwrap();
         let rec: [u8; REC] = std::array::from_fn(|i| i as u8 + 1);
