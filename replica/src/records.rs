@@ -87,13 +87,7 @@ impl RecordMap {
         }
         let mut out = [0u8; REC];
         for (w, bytes) in out.chunks_exact_mut(8).enumerate() {
-            // SAFETY: `at + 8 * w + 8 <= len`, so the word lies inside the
-            // mapping, which stays mapped while `self` lives; the mapping is
-            // page-aligned and `at + 8 * w` a multiple of 8, so the word is
-            // aligned; and we only ever access this memory atomically (the
-            // kernel changes it under us).
-            let word = unsafe { AtomicU64::from_ptr(map.as_ptr().add(at + 8 * w).cast::<u64>()) };
-            bytes.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+            bytes.copy_from_slice(&word(map, at + 8 * w).load(Ordering::Relaxed).to_ne_bytes());
         }
         Some(out)
     }
@@ -112,20 +106,17 @@ impl RecordMap {
         {
             return false;
         }
-        if count == 0 || !self.allocate(file, first, end, map.len()) {
-            return count == 0;
+        if count == 0 {
+            return true;
+        }
+        // Allocated first, so the stores below cannot fault for space.
+        if !self.allocate(file, first, end, map.len()) {
+            return false;
         }
         let at = first as usize * REC;
-        for (i, word) in records.chunks_exact(8).enumerate() {
-            let value = u64::from_ne_bytes(word.try_into().expect("chunks of 8"));
-            // SAFETY: `at + 8 * i + 8 <= end * REC <= len`, so the word lies
-            // inside the mapping, which stays mapped while `self` lives and
-            // is writable; it is 8-aligned (page-aligned mapping, `REC` a
-            // multiple of 8); we only access this memory atomically; and
-            // its chunk is allocated on disk, so the store cannot fault for
-            // space.
-            let slot = unsafe { AtomicU64::from_ptr(map.as_ptr().add(at + 8 * i).cast::<u64>()) };
-            slot.store(value, Ordering::Relaxed);
+        for (i, bytes) in records.chunks_exact(8).enumerate() {
+            let value = u64::from_ne_bytes(bytes.try_into().expect("chunks of 8"));
+            word(map, at + 8 * i).store(value, Ordering::Relaxed);
         }
         true
     }
@@ -142,6 +133,9 @@ impl RecordMap {
                 continue;
             }
             let _allocating = self.allocating.lock().unwrap_or_else(PoisonError::into_inner);
+            if word.load(Ordering::Acquire) & bit != 0 {
+                continue; // allocated by another store meanwhile
+            }
             let start = chunk * CHUNK_RECORDS * REC as u64;
             let bytes = (CHUNK_RECORDS * REC as u64).min(len as u64 - start);
             // SAFETY: plain fallocate on a descriptor we hold; mode 0
@@ -172,6 +166,17 @@ impl RecordMap {
             }
         }
     }
+}
+
+/// The 8-byte word at byte `at` of `map`, accessed atomically: the memory
+/// is the kernel's to change (and, for a store, the file's to fault in).
+fn word(map: &Mapping, at: usize) -> &AtomicU64 {
+    assert!(at.is_multiple_of(8) && at + 8 <= map.len(), "record word {at} outside the mapping");
+    // SAFETY: checked above: the word lies inside the mapping, which lives
+    // as long as the borrow, and is 8-aligned (the mapping is
+    // page-aligned); the mapping is shared, writable memory that we only
+    // ever access atomically.
+    unsafe { AtomicU64::from_ptr(map.as_ptr().add(at).cast::<u64>()) }
 }
 
 #[cfg(test)]
