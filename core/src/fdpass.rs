@@ -1,17 +1,19 @@
 //! Passing descriptors along with stream bytes over a Unix socket
 //! (`SCM_RIGHTS`): how a controller hands its payload memory
-//! ([`crate::shm`]) to a replica with the Hello.
+//! ([`crate::shm`]) to a replica with the Hello, and a replica its layer
+//! files to a local controller ([`crate::local`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::pipe::cvt_size;
 
-/// Most descriptors sent with one message.
-pub const MAX_FDS: usize = 4;
+/// Most descriptors sent with one message: a data and a records file per
+/// layer a replica lets a local controller read, and a validity word.
+pub const MAX_FDS: usize = 2 * crate::local::MAX_LAYERS + 1;
 
 /// Control-message space for [`MAX_FDS`] descriptors (and some slack).
-const CMSG_SPACE: usize = 64;
+const CMSG_SPACE: usize = 256;
 
 #[repr(C, align(8))]
 struct CmsgBuf([u8; CMSG_SPACE]);
@@ -22,7 +24,7 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::R
     if bytes.is_empty() || fds.is_empty() || fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "1 to 4 descriptors, with at least one byte",
+            "1 to MAX_FDS descriptors, with at least one byte",
         ));
     }
     let fds_len = (fds.len() * size_of::<RawFd>()) as u32;
@@ -58,7 +60,28 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::R
 /// One non-blocking `recvmsg` into `buf` on `sock`: the bytes received
 /// and the descriptors that came with them, in order.
 pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: `buf` is valid for writes of its length.
+    unsafe { recv_raw(sock, buf.as_mut_ptr(), buf.len()) }
+}
+
+/// [`recv`] into the spare capacity of `buf`, which grows by the bytes
+/// received.
+pub fn recv_buf(sock: BorrowedFd<'_>, buf: &mut impl bytes::BufMut) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let spare = buf.chunk_mut();
+    // SAFETY: the chunk is `spare.len()` writable bytes; recvmsg only
+    // writes to them, never reads.
+    let (n, fds) = unsafe { recv_raw(sock, spare.as_mut_ptr(), spare.len())? };
+    // SAFETY: recvmsg initialised the first `n` bytes of the chunk.
+    unsafe { buf.advance_mut(n) };
+    Ok((n, fds))
+}
+
+/// [`recv`] into `len` bytes at `buf`.
+///
+/// # Safety
+/// `buf` must be valid for writes of `len` bytes.
+unsafe fn recv_raw(sock: BorrowedFd<'_>, buf: *mut u8, len: usize) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec { iov_base: buf.cast(), iov_len: len };
     let mut cbuf = CmsgBuf([0; CMSG_SPACE]);
     // SAFETY: zeroed msghdr is a valid empty header; we fill its fields.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };

@@ -1,24 +1,31 @@
 //! Short-circuit reads: a controller reads a replica on the same machine
-//! straight from that replica's head files, as a client of HDFS reads a
+//! straight from that replica's layer files, as a client of HDFS reads a
 //! local DataNode's block files, instead of asking over the socket.
 //!
-//! The replica stays the only writer and stays in its own process. At the
-//! handshake it may hand the controller read-only descriptors of its head
-//! layer's data and records files and a [`Validity`] word, but only while
-//! its layer chain is the head alone. A read here is served only if all of
-//! it is already in the page cache (`RWF_NOWAIT`), every block checks
-//! against its record, and the word was set both before and after the
-//! reads. Anything else returns `None` and the caller asks the replica
-//! over the socket, which answers under its range lock: a read that races
-//! a write to the same blocks can see data and record out of step, which
-//! shows as a checksum mismatch and falls back, never as `Corrupt`.
+//! The replica stays the only writer and stays in its own process. It may
+//! hand the controller read-only descriptors of the data and records files
+//! of the top layers of its chain (head first, at most [`MAX_LAYERS`]) and
+//! a [`Validity`] word: at the handshake while the chain is the head alone,
+//! and on request ([`crate::wire::Opcode::LocalFiles`]) at any time. A read
+//! here is served only if all of it is already in the page cache
+//! (`RWF_NOWAIT`), every block checks against its record in the first
+//! layer that holds it, and the word was set both before and after the
+//! reads. A block that no granted layer holds reads as zeros only if the
+//! grant is the whole chain. Anything else returns `None` and the caller
+//! asks the replica over the socket, which answers under its range lock: a
+//! read that races a write to the same blocks can see data and record out
+//! of step, which shows as a checksum mismatch and falls back, never as
+//! `Corrupt`.
 //!
 //! The replica clears the word, for good, before anything could make the
-//! files stale: a change of its layer chain (snapshot create, revert,
-//! merge), a newer controller fencing this one, and the end of the
-//! connection. Writes of this controller go through the replica and reach
-//! the page cache before they are acknowledged, so a read issued after an
-//! acknowledgement sees them.
+//! files stale: a change of its layer chain (snapshot create, revert, the
+//! end of a merge), a newer controller fencing this one, and the end of
+//! the connection. The controller then asks for the new chain's files. A
+//! merge copies a snapshot's blocks into the layer above it before the
+//! chain changes, data first: a reader sees each block in one layer or the
+//! other, with the same contents. Writes of this controller go through the
+//! replica and reach the page cache before they are acknowledged, so a
+//! read issued after an acknowledgement sees them.
 //!
 //! Trust: the files are opened read-only by the replica; nothing read
 //! from them is trusted beyond the crc check. Only the word is mapped, and
@@ -115,33 +122,61 @@ impl Validity {
     }
 }
 
-/// What a replica hands a local controller: see the module documentation.
+/// Most layers one grant names (head first): a block below them goes to
+/// the replica, whose layer index finds it without reading every layer's
+/// records.
+pub const MAX_LAYERS: usize = 16;
+
+/// One layer's files, as a replica sent them.
 #[derive(Debug)]
-pub struct LocalHead {
+struct Layer {
     data: File,
     records: File,
+}
+
+/// What a replica hands a local controller: the data and records files of
+/// the top layers of its chain, head first, and the word that says they
+/// may still be read (see the module documentation).
+#[derive(Debug)]
+pub struct LocalFiles {
+    layers: Vec<Layer>,
+    /// The layers are the whole chain: a block none of them holds reads as
+    /// zeros. Otherwise a read of such a block goes to the replica.
+    whole: bool,
     validity: Validity,
     /// Reads served here.
     served: AtomicU64,
 }
 
-impl LocalHead {
-    /// Takes the descriptors a replica sent: data, records, validity word
-    /// (in that order).
-    pub fn open(fds: Vec<OwnedFd>) -> io::Result<LocalHead> {
-        let [data, records, word]: [OwnedFd; 3] = fds
-            .try_into()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "expected three descriptors"))?;
-        let (data, records) = (File::from(data), File::from(records));
-        for f in [&data, &records] {
-            if !f.metadata()?.file_type().is_file() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "head layer file is not a regular file",
-                ));
-            }
+impl LocalFiles {
+    /// Takes the descriptors a replica sent: data and records of each
+    /// layer, head first, then the validity word.
+    pub fn open(fds: Vec<OwnedFd>, whole: bool) -> io::Result<LocalFiles> {
+        if fds.len() < 3 || fds.len().is_multiple_of(2) || fds.len() > 2 * MAX_LAYERS + 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "expected a data and a records file per layer and a word, got {} descriptors",
+                    fds.len()
+                ),
+            ));
         }
-        Ok(LocalHead { data, records, validity: Validity::open(word)?, served: AtomicU64::new(0) })
+        let mut fds = fds.into_iter();
+        let word = fds.next_back().expect("checked above");
+        let mut layers = Vec::new();
+        while let (Some(data), Some(records)) = (fds.next(), fds.next()) {
+            let (data, records) = (File::from(data), File::from(records));
+            for f in [&data, &records] {
+                if !f.metadata()?.file_type().is_file() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "layer file is not a regular file",
+                    ));
+                }
+            }
+            layers.push(Layer { data, records });
+        }
+        Ok(LocalFiles { layers, whole, validity: Validity::open(word)?, served: AtomicU64::new(0) })
     }
 
     /// How many reads were served from the files.
@@ -154,8 +189,18 @@ impl LocalHead {
         self.validity.is_valid()
     }
 
+    /// How many layers the files cover, and whether that is the whole chain.
+    pub fn layers(&self) -> (usize, bool) {
+        (self.layers.len(), self.whole)
+    }
+
     /// The verified contents of `len` bytes at `offset`, or `None` where
     /// this read must go to the replica instead (see the module docs).
+    ///
+    /// Every block comes from the first layer whose record holds it (data
+    /// or a ZERO record), as the replica's own read would find it. The
+    /// head's data is read for the whole range first: with or without
+    /// snapshots below, most blocks read are the head's.
     pub fn read(&self, offset: u64, len: usize) -> Option<Bytes> {
         if len == 0 || len > MAX_LOCAL_READ || !offset.is_multiple_of(BS as u64) || !len.is_multiple_of(BS) {
             return None;
@@ -163,31 +208,40 @@ impl LocalHead {
         if !self.is_valid() {
             return None;
         }
-        let count = len / BS;
+        let (first, count) = (offset / BS as u64, len / BS);
         let mut data = BytesMut::with_capacity(len);
+        let head = &self.layers[0];
         // SAFETY: the spare capacity is `len` writable bytes that nothing
         // else refers to; preadv2 writes at most that many.
         let got =
-            unsafe { pread_nowait(&self.data, data.spare_capacity_mut().as_mut_ptr().cast(), len, offset) };
+            unsafe { pread_nowait(&head.data, data.spare_capacity_mut().as_mut_ptr().cast(), len, offset) };
         if got != Some(len) {
             return None;
         }
         // SAFETY: preadv2 initialised the first `len` bytes.
         unsafe { data.set_len(len) };
         let mut records = vec![0u8; MAX_BLOCKS * REC];
-        let rec_len = count * REC;
-        let at = offset / BS as u64 * REC as u64;
-        // SAFETY: `records` has at least `rec_len` bytes, ours for the call.
-        if unsafe { pread_nowait(&self.records, records.as_mut_ptr(), rec_len, at) } != Some(rec_len) {
-            return None;
+        let mut below = Vec::new();
+        read_records(head, first, &mut records[..count * REC])?;
+        for (i, (block, rec)) in data.chunks_exact_mut(BS).zip(records.chunks_exact(REC)).enumerate() {
+            match check(block, rec)? {
+                Held::Here => {}
+                Held::Below => below.push(i),
+            }
         }
-        for (block, rec) in data.chunks_exact_mut(BS).zip(records.chunks_exact(REC)) {
-            let rec = decode_record(rec).ok()?;
-            if !rec.is_allocated() || rec.is_zero() {
-                // No snapshot below the head: unallocated reads as zeros.
-                block.fill(0);
-            } else if crate::crc32c(block) != rec.crc {
+        for layer in &self.layers[1..] {
+            if below.is_empty() {
+                break;
+            }
+            below = self.read_below(layer, first, &mut data, &below, &mut records)?;
+        }
+        if !below.is_empty() {
+            // Held by no layer here: zeros if these are all the layers.
+            if !self.whole {
                 return None;
+            }
+            for i in below {
+                data[i * BS..(i + 1) * BS].fill(0);
             }
         }
         // Revoked meanwhile: the files may have been stale for part of it.
@@ -197,6 +251,97 @@ impl LocalHead {
         self.served.fetch_add(1, Ordering::Relaxed);
         Some(data.freeze())
     }
+
+    /// Fills the blocks `todo` (indexes into `data`, ascending) that `layer`
+    /// holds, and returns those it does not. One records read per run of
+    /// consecutive blocks, then one data read per run of blocks it holds.
+    fn read_below(
+        &self,
+        layer: &Layer,
+        first: u64,
+        data: &mut [u8],
+        todo: &[usize],
+        records: &mut [u8],
+    ) -> Option<Vec<usize>> {
+        let mut left = Vec::new();
+        for run in runs(todo) {
+            let recs = &mut records[run.start * REC..run.end * REC];
+            read_records(layer, first + run.start as u64, recs)?;
+            let mut held: Vec<usize> = Vec::new();
+            for (i, rec) in run.clone().zip(recs.chunks_exact(REC)) {
+                let rec = decode_record(rec).ok()?;
+                if rec.is_zero() {
+                    data[i * BS..(i + 1) * BS].fill(0);
+                } else if rec.is_allocated() {
+                    held.push(i);
+                } else {
+                    left.push(i);
+                }
+            }
+            for part in runs(&held) {
+                let dest = &mut data[part.start * BS..part.end * BS];
+                let at = (first + part.start as u64) * BS as u64;
+                // SAFETY: `dest` is `dest.len()` bytes of ours for the call.
+                if unsafe { pread_nowait(&layer.data, dest.as_mut_ptr(), dest.len(), at) } != Some(dest.len())
+                {
+                    return None;
+                }
+                let recs = &records[part.start * REC..part.end * REC];
+                for (block, rec) in dest.chunks_exact_mut(BS).zip(recs.chunks_exact(REC)) {
+                    if !matches!(check(block, rec)?, Held::Here) {
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(left)
+    }
+}
+
+/// Where a block's contents are, by its record in one layer.
+enum Held {
+    /// In this layer, and `block` now holds them (checked, or zeros).
+    Here,
+    /// Not in this layer: in one below, or nowhere (zeros).
+    Below,
+}
+
+/// Checks `block`, read from a layer, against its record `rec` there:
+/// `None` on a mismatch (a race with a write, or damage: the replica
+/// decides which).
+fn check(block: &mut [u8], rec: &[u8]) -> Option<Held> {
+    let rec = decode_record(rec).ok()?;
+    if rec.is_zero() {
+        block.fill(0);
+        Some(Held::Here)
+    } else if !rec.is_allocated() {
+        Some(Held::Below)
+    } else if crate::crc32c(block) == rec.crc {
+        Some(Held::Here)
+    } else {
+        None
+    }
+}
+
+/// Reads the records of blocks `first..` of `layer` into `out` (one
+/// record per [`REC`] bytes).
+fn read_records(layer: &Layer, first: u64, out: &mut [u8]) -> Option<()> {
+    let at = first * REC as u64;
+    // SAFETY: `out` is `out.len()` bytes of ours for the call.
+    (unsafe { pread_nowait(&layer.records, out.as_mut_ptr(), out.len(), at) } == Some(out.len()))
+        .then_some(())
+}
+
+/// Runs of consecutive numbers in ascending `items`.
+fn runs(items: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for &i in items {
+        match out.last_mut() {
+            Some(r) if r.end == i => r.end = i + 1,
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
 }
 
 /// One `preadv2(RWF_NOWAIT)` of `len` bytes at `at` into `buf`: the count

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::device::{BlockDevice, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Op, Result};
-use crate::local::LocalHead;
+use crate::local::LocalFiles;
 use crate::pipe::{self, Filled, Payload, Piped};
 use crate::replica::{Connector, Replica};
 use crate::shm::{self, ShmBuf, ShmPool};
@@ -95,6 +95,9 @@ struct Conn {
     /// one frame at a time, so that their payloads stay in the socket for
     /// splicing instead of being read into memory with earlier frames.
     piped: AtomicUsize,
+    /// Descriptors that came with the replica's answers: the layer files
+    /// of an [`Opcode::LocalFiles`] answer, taken by its asker.
+    files: Mutex<Vec<OwnedFd>>,
 }
 
 impl Conn {
@@ -135,6 +138,15 @@ struct PipedGuard<'a>(&'a AtomicUsize);
 impl Drop for PipedGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Clears a flag when dropped: an ask for layer files ends, however it ends.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
@@ -211,8 +223,17 @@ pub struct RemoteReplica {
     block_crcs: bool,
     /// Memory this replica puts READ replies in, if it mapped it.
     reads: Option<Arc<ShmPool>>,
-    /// The replica's head files, while it lets us read them directly.
-    local: Option<Arc<LocalHead>>,
+    /// The replica's layer files, while it lets us read them directly.
+    local: std::sync::RwLock<Option<Arc<LocalFiles>>>,
+    /// The replica hands its layer files out on request
+    /// ([`Opcode::LocalFiles`]), and we read them where it does.
+    asks_files: bool,
+    /// An [`Opcode::LocalFiles`] request is on its way.
+    asking: AtomicBool,
+    /// No new request for layer files before then (one was refused).
+    next_ask: Mutex<Option<Instant>>,
+    /// Reads served by layer files since replaced.
+    served_before: AtomicU64,
 }
 
 impl std::fmt::Debug for RemoteReplica {
@@ -424,7 +445,7 @@ impl RemoteReplica {
         let reads = reads.filter(|_| reply.flags & wire::HELLO_SHM_READ != 0);
         let block_crcs = shm.is_some() && reply.flags & wire::HELLO_BLOCK_CRCS != 0;
         let local = match reply.flags & wire::HELLO_LOCAL_READS != 0 && opts.local_reads {
-            true => LocalHead::open(local_fds)
+            true => LocalFiles::open(local_fds, true)
                 .map(Arc::new)
                 .map_err(|e| tracing::warn!("not reading replica {addr}'s files directly: {e}"))
                 .ok(),
@@ -445,6 +466,7 @@ impl RemoteReplica {
             tick: AtomicU64::new(0),
             tick_len: (opts.request_timeout / TICKS_PER_TIMEOUT).max(MIN_TICK),
             piped: AtomicUsize::new(0),
+            files: Mutex::new(Vec::new()),
         });
         tokio::spawn(sweep(conn.clone()));
         let pipes = matches!(stream, Stream::Unix(_));
@@ -473,8 +495,12 @@ impl RemoteReplica {
             pipes,
             shm,
             block_crcs,
+            asks_files: opts.local_reads && reads.is_some() && reply.flags & wire::HELLO_LOCAL_FILES != 0,
             reads,
-            local,
+            local: std::sync::RwLock::new(local),
+            asking: AtomicBool::new(false),
+            next_ask: Mutex::new(None),
+            served_before: AtomicU64::new(0),
         })
     }
 
@@ -570,6 +596,7 @@ impl RemoteReplica {
             Opcode::SnapRead => Op::Read,
             Opcode::SnapStatus | Opcode::SnapLayerStatus => Op::BlockStatus,
             Opcode::SnapTruncate => Op::Snapshot,
+            Opcode::LocalFiles => Op::Read,
         };
         let conn = &*self.conn;
         let tag = conn.next_tag.fetch_add(1, Ordering::Relaxed);
@@ -660,21 +687,79 @@ impl RemoteReplica {
         if !self.reads_at_once(len) {
             return None;
         }
-        let local = self.local.as_ref()?;
+        let local = self.local_files()?;
         // Large: copied and checked on the blocking pool, beside the
         // runtime thread's other work.
-        let local = Arc::clone(local);
         tokio::task::spawn_blocking(move || local.read(offset, len)).await.ok().flatten()
     }
 
-    /// READs served from the replica's head files directly so far.
-    pub fn local_reads(&self) -> u64 {
-        self.local.as_ref().map_or(0, |l| l.served())
+    /// The layer files we may read, if any (maybe revoked since).
+    fn local_files(&self) -> Option<Arc<LocalFiles>> {
+        self.local.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// Whether this connection reads the replica's head files directly now.
+    /// READs served from the replica's layer files directly so far.
+    pub fn local_reads(&self) -> u64 {
+        let local = self.local.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.served_before.load(Ordering::Relaxed) + local.as_ref().map_or(0, |l| l.served())
+    }
+
+    /// Whether this connection reads the replica's layer files directly now.
     pub fn reads_locally(&self) -> bool {
-        self.local.as_ref().is_some_and(|l| l.is_valid()) && self.is_connected()
+        self.local_files().is_some_and(|l| l.is_valid()) && self.is_connected()
+    }
+
+    /// How many layers the files we read cover, and whether that is the
+    /// whole chain; `None` while we read none.
+    pub fn local_layers(&self) -> Option<(usize, bool)> {
+        self.local_files().filter(|l| l.is_valid()).map(|l| l.layers())
+    }
+
+    /// Asks the replica for its layer files where it hands them out and
+    /// those we had were revoked (the chain changed: a snapshot, say) or
+    /// never came (the chain was more than the head at the handshake).
+    /// One request at a time; after a refusal, none for [`ASK_BACKOFF`].
+    /// Fails only where the answer was that a newer controller fenced
+    /// this one: that is the read's answer too.
+    async fn refresh_files(&self) -> Result<()> {
+        if !self.asks_files || self.reads_locally() || !self.is_connected() {
+            return Ok(());
+        }
+        if self.asking.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _asking = ClearOnDrop(&self.asking);
+        let lock = || self.next_ask.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if lock().is_some_and(|at| Instant::now() < at) {
+            return Ok(());
+        }
+        match self.ask_files().await {
+            Ok(files) => {
+                let mut local = self.local.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(old) = local.replace(Arc::new(files)) {
+                    self.served_before.fetch_add(old.served(), Ordering::Relaxed);
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Fenced => return Err(e),
+            Err(e) => {
+                tracing::debug!("replica {} lends no layer files now: {e}", self.addr);
+                *lock() = Some(Instant::now() + ASK_BACKOFF);
+            }
+        }
+        Ok(())
+    }
+
+    async fn ask_files(&self) -> Result<LocalFiles> {
+        // Any left over came with the answer to an ask that timed out.
+        self.conn.files.lock().expect("files poisoned").clear();
+        let answer = self.call(Opcode::LocalFiles, 0, 0, 0, Bytes::new()).await?;
+        let fds = std::mem::take(&mut *self.conn.files.lock().expect("files poisoned"));
+        let bad = |what: String| Error::new(ErrorKind::Protocol, what).with_op(Op::Read);
+        let answer = wire::LocalFilesAnswer::decode(&answer).map_err(|e| bad(e.to_string()))?;
+        if fds.len() != 2 * usize::from(answer.layers) + 1 {
+            return Err(bad(format!("{} descriptors came for {} layers", fds.len(), answer.layers)));
+        }
+        LocalFiles::open(fds, answer.whole).map_err(|e| bad(e.to_string()))
     }
 
     fn check_read_len(&self, offset: u64, len: usize, got: usize) -> Result<()> {
@@ -753,6 +838,16 @@ async fn sweep(conn: Arc<Conn>) {
 /// be spliced out of it.
 trait Incoming: AsyncRead + Unpin {
     fn splice_source(&self) -> Option<pipe::Socket<'_>>;
+
+    /// Reads more into `buf`; descriptors that came along go to `fds`.
+    async fn read_more<B: BufMut>(
+        &mut self,
+        buf: &mut B,
+        fds: &Mutex<Vec<OwnedFd>>,
+    ) -> std::io::Result<usize> {
+        let _ = fds;
+        self.read_buf(buf).await
+    }
 }
 
 impl Incoming for tokio::net::tcp::OwnedReadHalf {
@@ -764,6 +859,27 @@ impl Incoming for tokio::net::tcp::OwnedReadHalf {
 impl Incoming for tokio::net::unix::OwnedReadHalf {
     fn splice_source(&self) -> Option<pipe::Socket<'_>> {
         Some(pipe::Socket::Unix(self.as_ref()))
+    }
+
+    async fn read_more<B: BufMut>(
+        &mut self,
+        buf: &mut B,
+        fds: &Mutex<Vec<OwnedFd>>,
+    ) -> std::io::Result<usize> {
+        let sock: &UnixStream = self.as_ref();
+        loop {
+            sock.readable().await?;
+            match sock.try_io(tokio::io::Interest::READABLE, || crate::fdpass::recv_buf(sock.as_fd(), buf)) {
+                Ok((n, got)) => {
+                    if !got.is_empty() {
+                        fds.lock().expect("files poisoned").extend(got);
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -844,9 +960,9 @@ async fn read_loop<R: Incoming>(conn: Arc<Conn>, mut rd: R) {
                 // One frame at a time (see `Conn::piped`): the rest of this
                 // header, or of this frame.
                 let need = frame.unwrap_or(wire::RESPONSE_LEN) - buf.len();
-                rd.read_buf(&mut bytes::BufMut::limit(&mut buf, need)).await?
+                rd.read_more(&mut bytes::BufMut::limit(&mut buf, need), &conn.files).await?
             } else {
-                rd.read_buf(&mut buf).await?
+                rd.read_more(&mut buf, &conn.files).await?
             };
             if got == 0 {
                 return Err(Error::new(ErrorKind::Disconnected, "replica closed the connection"));
@@ -879,6 +995,7 @@ impl BlockDevice for RemoteReplica {
     }
 
     async fn read_payload(&self, offset: u64, len: usize) -> Result<Payload> {
+        self.refresh_files().await?;
         if let Some(data) = self.read_local(offset, len).await {
             return Ok(Payload::Bytes(data));
         }
@@ -898,7 +1015,7 @@ impl BlockDevice for RemoteReplica {
     }
 
     fn read_at_once(&self, offset: u64, len: usize) -> Option<Bytes> {
-        let local = self.local.as_ref()?;
+        let local = self.local_files()?;
         // A replica that went away can no longer revoke the files.
         if !self.is_connected() {
             return None;
@@ -911,6 +1028,7 @@ impl BlockDevice for RemoteReplica {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.refresh_files().await?;
         if let Some(data) = self.read_local(offset, len).await {
             return Ok(data);
         }
@@ -1130,6 +1248,9 @@ const READ_POOL_BYTES: usize = 32 << 20;
 const MIN_SHM_READ_BYTES: usize = 4096;
 
 /// Bound on requests that may legitimately take long (snapshot revert).
+/// How long after a refused [`Opcode::LocalFiles`] before the next ask.
+const ASK_BACKOFF: Duration = Duration::from_secs(1);
+
 const SLOW_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Attaches [`RemoteReplica`]s of one volume by address.

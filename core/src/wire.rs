@@ -133,6 +133,31 @@ pub const HELLO_SHM_READ: u32 = 8;
 pub const HELLO_LOCAL_READS: u32 = 16;
 /// HelloReply flag: shared WRITEs may carry [`FLAG_BLOCK_CRCS`].
 pub const HELLO_BLOCK_CRCS: u32 = 32;
+/// HelloReply flag: the replica answers [`Opcode::LocalFiles`].
+pub const HELLO_LOCAL_FILES: u32 = 64;
+
+/// The answer to [`Opcode::LocalFiles`]: how many layers' files came with
+/// it, and whether they are the whole chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalFilesAnswer {
+    pub layers: u8,
+    pub whole: bool,
+}
+
+impl LocalFilesAnswer {
+    pub const LEN: usize = 2;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        [self.layers, u8::from(self.whole)]
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<LocalFilesAnswer, WireError> {
+        match *buf {
+            [layers, whole @ (0 | 1)] if layers > 0 => Ok(LocalFilesAnswer { layers, whole: whole == 1 }),
+            _ => Err(WireError::Malformed("local files answer")),
+        }
+    }
+}
 
 /// Wire-level decoding failure. Always fatal for the connection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -191,6 +216,10 @@ pub enum Opcode {
     SnapLayerStatus = 18,
     /// Drop the layers above a snapshot (payload: its name, or empty).
     SnapTruncate = 19,
+    /// Read-only descriptors of the top layers' files and a new validity
+    /// word (see [`crate::local`]), sent with the answer (`SCM_RIGHTS`);
+    /// its payload is [`LocalFilesAnswer`]. Local connections only.
+    LocalFiles = 20,
 }
 
 impl Opcode {
@@ -215,6 +244,7 @@ impl Opcode {
             17 => Opcode::SnapStatus,
             18 => Opcode::SnapLayerStatus,
             19 => Opcode::SnapTruncate,
+            20 => Opcode::LocalFiles,
             _ => return None,
         })
     }
@@ -604,7 +634,9 @@ pub fn decode_request_header(buf: &[u8]) -> Result<Option<(Request, usize)>, Wir
         Opcode::GetStamps if length > MAX_STAMPS => return Err(WireError::TooLarge(length)),
         op if is_shared(op, hdr.flags) => shared_frame_payload(op, hdr.flags, hdr.offset.get(), length)?,
         op if has_payload(op) => length as usize,
-        Opcode::Flush | Opcode::Ping | Opcode::GetMeta | Opcode::SnapList if length != 0 => {
+        Opcode::Flush | Opcode::Ping | Opcode::GetMeta | Opcode::SnapList | Opcode::LocalFiles
+            if length != 0 =>
+        {
             return Err(WireError::Malformed("length"));
         }
         _ => 0,
@@ -1095,6 +1127,7 @@ mod tests {
             Just(Opcode::SnapStatus),
             Just(Opcode::SnapLayerStatus),
             Just(Opcode::SnapTruncate),
+            Just(Opcode::LocalFiles),
         ]
     }
 
@@ -1130,7 +1163,11 @@ mod tests {
                         (length, Bytes::from(frame))
                     }
                     op if has_payload(op) => (data.len() as u64, Bytes::from(data)),
-                    Opcode::Flush | Opcode::Ping | Opcode::GetMeta | Opcode::SnapList => (0, Bytes::new()),
+                    Opcode::Flush
+                    | Opcode::Ping
+                    | Opcode::GetMeta
+                    | Opcode::SnapList
+                    | Opcode::LocalFiles => (0, Bytes::new()),
                     _ => (length, Bytes::new()),
                 };
                 Request { opcode, flags, tag, offset, length, generation, crc, data }

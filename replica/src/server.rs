@@ -70,9 +70,11 @@ pub trait Backend: BlockDevice {
     /// and other volumes (InvalidArgument).
     fn attach(&self, volume: &str, epoch: u64) -> impl Future<Output = Result<()>> + Send;
     fn meta(&self) -> ReplicaMeta;
-    /// The head files a controller on this machine may read directly (see
+    /// The files of the top `max_layers` layers, head first, that a
+    /// controller on this machine may read directly (see
     /// [`jiva_core::local`]); `None` where there are none to offer.
-    fn local_head(&self) -> Option<LocalGrant> {
+    fn local_files(&self, max_layers: usize) -> Option<LocalGrant> {
+        let _ = max_layers;
         None
     }
     /// Reads `dest.len()` bytes at `offset` into `dest` (memory a
@@ -373,17 +375,23 @@ impl<B: Backend> ReplicaServer<B> {
         }
         // A controller that shares read memory is on this machine and
         // reads through shared memory: it may read the head files directly.
-        let local = match &sock {
-            Some(_) if reads.is_some() && self.faults.allow_local_reads() => self.grant_local(hello.epoch),
-            _ => None,
+        // At the handshake only the head alone (older controllers take
+        // three descriptors); any chain on request (`Opcode::LocalFiles`).
+        let lends_files = sock.is_some() && reads.is_some() && self.faults.allow_local_reads();
+        let local = match lends_files {
+            true => self.grant_local(hello.epoch, 1).filter(|g| g.whole),
+            false => None,
         };
+        if lends_files {
+            reply.flags |= wire::HELLO_LOCAL_FILES;
+        }
         let shm = SharedMemory { writes, reads };
         let mut out = BytesMut::new();
         let sent_with_files = match (&local, &sock) {
             (Some(grant), Some(sock)) => {
                 reply.flags |= wire::HELLO_LOCAL_READS;
                 wire::encode_hello_reply(&reply, &mut out);
-                let fds = [grant.data.as_fd(), grant.records.as_fd(), grant.validity.fd()];
+                let fds = grant.fds();
                 // The socket is empty this early: one sendmsg takes it all,
                 // or at least its first byte and the descriptors.
                 match jiva_core::fdpass::send(sock.as_fd(), &out, &fds) {
@@ -407,21 +415,22 @@ impl<B: Backend> ReplicaServer<B> {
             }
         }
         wr.flush().await?;
-        drop(sock);
+        // Kept to lend layer files later (`Opcode::LocalFiles`).
+        let lender = sock.filter(|_| lends_files);
         // Revoked when this connection ends, however it ends.
         let _local = local.map(|grant| Revoke(grant.validity));
         if !attached {
             return Ok(());
         }
         tracing::info!(volume = %hello.volume, epoch = hello.epoch, "controller attached");
-        self.serve_requests(rd, wr, buf, hello.epoch, zc, shm).await
+        self.serve_requests(rd, wr, buf, hello.epoch, zc, shm, lender).await
     }
 
-    /// Hands connection `epoch` the head files (see
-    /// [`crate::Store::local_head`]), remembering the word so that a newer
-    /// controller's attach revokes it.
-    fn grant_local(&self, epoch: u64) -> Option<LocalGrant> {
-        let grant = self.backend.local_head()?;
+    /// Hands connection `epoch` the files of the top `max_layers` layers
+    /// (see [`crate::Store::local_files`]), remembering the word so that a
+    /// newer controller's attach revokes it.
+    fn grant_local(&self, epoch: u64, max_layers: usize) -> Option<LocalGrant> {
+        let grant = self.backend.local_files(max_layers)?;
         let mut grants = self.local_grants.lock().unwrap_or_else(PoisonError::into_inner);
         grants.retain(|(_, g)| g.strong_count() > 0);
         grants.push((epoch, Arc::downgrade(&grant.validity)));
@@ -535,13 +544,17 @@ impl<B: Backend> ReplicaServer<B> {
         epoch: u64,
         zc: Option<ZeroCopy>,
         shm: SharedMemory,
+        lender: Option<OwnedFd>,
     ) -> Result<()>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        let lends_files = lender.is_some();
+        // Layer files lent on this connection: revoked when it ends.
+        let mut lent: Vec<Revoke> = Vec::new();
         let (tx, rx) = mpsc::unbounded_channel::<Answer>();
-        let writer = tokio::spawn(write_responses(rx, wr, zc));
+        let writer = tokio::spawn(write_responses(rx, wr, zc, lender));
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let result = loop {
             let mut req = match wire::decode_request(&mut buf) {
@@ -592,6 +605,29 @@ impl<B: Backend> ReplicaServer<B> {
                 let _ = tx.send(Answer::plain(Response::error(req.tag, &e)));
                 break Err(e);
             }
+            if req.opcode == Opcode::LocalFiles {
+                let grant = match lends_files && self.faults.allow_local_reads() {
+                    true => self.grant_local(epoch, jiva_core::local::MAX_LAYERS),
+                    false => None,
+                };
+                let answer = match grant {
+                    Some(grant) => {
+                        lent.retain(|r| r.0.is_valid());
+                        lent.push(Revoke(grant.validity.clone()));
+                        let layers = u8::try_from(grant.layers.len()).expect("at most MAX_LAYERS");
+                        let body = wire::LocalFilesAnswer { layers, whole: grant.whole }.encode();
+                        let resp = Response::ok(req.tag, Bytes::copy_from_slice(&body));
+                        Answer { resp, pipe: None, copy: false, files: Some(grant) }
+                    }
+                    None => {
+                        let e =
+                            Error::new(ErrorKind::Unavailable, "no layer files to lend on this connection");
+                        Answer::plain(Response::error(req.tag, &e))
+                    }
+                };
+                let _ = tx.send(answer);
+                continue;
+            }
             let permit = match slots.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => slots.clone().acquire_owned().await.expect("semaphore never closed"),
@@ -608,13 +644,16 @@ impl<B: Backend> ReplicaServer<B> {
                     })
                 } else if req.opcode == Opcode::Read && req.flags & wire::FLAG_PIPE != 0 {
                     match server.read_payload(&req).await {
-                        Ok(Payload::Piped(pipe)) => {
-                            Answer { resp: Response::ok(tag, Bytes::new()), pipe: Some(pipe), copy: false }
-                        }
+                        Ok(Payload::Piped(pipe)) => Answer {
+                            resp: Response::ok(tag, Bytes::new()),
+                            pipe: Some(pipe),
+                            copy: false,
+                            files: None,
+                        },
                         // Copied into the socket: the controller passes
                         // these pages on, so they must not be our memory.
                         Ok(Payload::Bytes(data)) => {
-                            Answer { resp: Response::ok(tag, data), pipe: None, copy: true }
+                            Answer { resp: Response::ok(tag, data), pipe: None, copy: true, files: None }
                         }
                         Err(e) => Answer::plain(Response::error(tag, &e)),
                     }
@@ -681,6 +720,10 @@ impl<B: Backend> ReplicaServer<B> {
         let fua = req.flags & wire::FLAG_FUA != 0;
         match req.opcode {
             Opcode::Ping => Ok(Bytes::new()),
+            // Answered by the connection's loop, which can send descriptors.
+            Opcode::LocalFiles => {
+                Err(Error::new(ErrorKind::Protocol, "layer files are lent by the connection"))
+            }
             Opcode::Flush => self.backend.flush().await.map(|_| Bytes::new()),
             Opcode::Read => {
                 check_range(size, req.offset, req.length)?;
@@ -986,11 +1029,13 @@ struct Answer {
     pipe: Option<Piped>,
     /// Copy the payload into the socket, never splice it from memory.
     copy: bool,
+    /// Layer files sent with the answer (`Opcode::LocalFiles`).
+    files: Option<LocalGrant>,
 }
 
 impl Answer {
     fn plain(resp: Response) -> Answer {
-        Answer { resp, pipe: None, copy: false }
+        Answer { resp, pipe: None, copy: false, files: None }
     }
 }
 
@@ -998,12 +1043,24 @@ async fn write_responses<W: AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<Answer>,
     wr: W,
     mut zc: Option<ZeroCopy>,
+    lender: Option<OwnedFd>,
 ) {
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
     let result: std::io::Result<()> = async {
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
-            while let Some(Answer { resp, pipe, copy }) = next {
+            while let Some(Answer { resp, pipe, copy, files }) = next {
+                if let Some(grant) = files {
+                    let mut frame = BytesMut::with_capacity(wire::RESPONSE_LEN + resp.payload.len());
+                    wire::encode_response_header(&resp, &mut frame);
+                    frame.extend_from_slice(&resp.payload);
+                    // Everything before it goes first: the descriptors
+                    // travel with this frame's first byte.
+                    w.flush().await?;
+                    lend_files(&mut w, lender.as_ref(), &frame, &grant).await?;
+                    next = rx.try_recv().ok();
+                    continue;
+                }
                 if let Some(pipe) = pipe {
                     let header = wire::response_head(resp.tag, resp.status, pipe.len());
                     jiva_core::vectored::send_piped(&mut w, zc.as_mut(), &header, pipe).await?;
@@ -1033,12 +1090,41 @@ async fn write_responses<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Sends `frame` on the socket `lender` (a duplicate of the connection's)
+/// with `grant`'s descriptors attached to its first bytes.
+async fn lend_files<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    lender: Option<&OwnedFd>,
+    frame: &[u8],
+    grant: &LocalGrant,
+) -> std::io::Result<()> {
+    let Some(sock) = lender else {
+        return Err(std::io::Error::other("layer files to lend on a connection that cannot carry them"));
+    };
+    // Rare (once per chain change), so a full socket is waited out by
+    // polling rather than through the runtime's readiness.
+    let give_up = std::time::Instant::now() + LEND_TIMEOUT;
+    let sent = loop {
+        match jiva_core::fdpass::send(sock.as_fd(), frame, &grant.fds()) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    w.write_all(&frame[sent..]).await?;
+    w.flush().await
+}
+
+/// How long a full socket may hold up an answer that lends layer files.
+const LEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Backend for crate::Store {
-    fn local_head(&self) -> Option<LocalGrant> {
-        crate::Store::local_head(self)
-            .map_err(|e| tracing::warn!("not offering the head files to a local controller: {e}"))
+    fn local_files(&self, max_layers: usize) -> Option<LocalGrant> {
+        crate::Store::local_files(self, max_layers)
+            .map_err(|e| tracing::warn!("not offering the layer files to a local controller: {e}"))
             .ok()
-            .flatten()
     }
 
     fn info(&self) -> BackendInfo {

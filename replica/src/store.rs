@@ -222,8 +222,8 @@ struct Inner {
     /// Serializes manifest rewrites.
     manifest_update: tokio::sync::Mutex<()>,
     clean_open: bool,
-    /// Validity words of the head files handed to local controllers (see
-    /// [`Store::local_head`]); all revoked when the chain changes.
+    /// Validity words of the layer files handed to local controllers (see
+    /// [`Store::local_files`]); all revoked when the chain changes.
     local_grants: Mutex<Vec<std::sync::Weak<Validity>>>,
     /// Holds the `flock` that keeps other processes out.
     _lock_file: File,
@@ -538,37 +538,51 @@ impl Store {
     }
 }
 
-/// The head files a local controller may read directly (see
+/// The layer files a local controller may read directly (see
 /// [`jiva_core::local`]), with the word that says it still may.
 #[derive(Debug)]
 pub struct LocalGrant {
-    pub data: File,
-    pub records: File,
+    /// Data and records files, head first.
+    pub layers: Vec<(File, File)>,
+    /// The layers are the whole chain.
+    pub whole: bool,
     pub validity: Arc<Validity>,
 }
 
+impl LocalGrant {
+    /// The descriptors to send, in the order [`jiva_core::local::LocalFiles::open`]
+    /// takes them.
+    pub fn fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        let files = self.layers.iter().flat_map(|(d, r)| [d.as_fd(), r.as_fd()]);
+        files.chain([self.validity.fd()]).collect()
+    }
+}
+
 impl Store {
-    /// Read-only descriptors of the head layer's files and a new validity
-    /// word, if the chain is the head alone (with snapshots below, blocks
-    /// the head lacks are the snapshots', which a direct reader would see
-    /// as zeros). The word is revoked when the chain next changes.
-    pub fn local_head(&self) -> Result<Option<LocalGrant>> {
+    /// Read-only descriptors of the files of the top `max_layers` layers
+    /// (head first) and a new validity word. The word is revoked when the
+    /// chain next changes.
+    pub fn local_files(&self, max_layers: usize) -> Result<LocalGrant> {
         let inner = &self.inner;
         // Held over the registration, so that no chain change slips in
-        // between the check and the grant.
+        // between the files opened and the grant registered.
         let chain = inner.chain.read().unwrap_or_else(PoisonError::into_inner);
-        let [head] = chain.as_slice() else { return Ok(None) };
         let open = |name: String| {
             File::open(inner.dir.join(&name))
                 .map_err(|e| Error::new(ErrorKind::Io, format!("cannot open {name} for a local reader: {e}")))
         };
-        let data = open(format::data_file_name(head.id))?;
-        let records = open(format::records_file_name(head.id))?;
+        let mut layers = Vec::new();
+        for layer in chain.iter().rev().take(max_layers.max(1)) {
+            layers
+                .push((open(format::data_file_name(layer.id))?, open(format::records_file_name(layer.id))?));
+        }
+        let whole = layers.len() == chain.len();
         let validity = Arc::new(Validity::new().map_err(Error::from)?);
         let mut grants = inner.local_grants.lock().unwrap_or_else(PoisonError::into_inner);
         grants.retain(|g| g.strong_count() > 0);
         grants.push(Arc::downgrade(&validity));
-        Ok(Some(LocalGrant { data, records, validity }))
+        Ok(LocalGrant { layers, whole, validity })
     }
 }
 

@@ -101,12 +101,76 @@ async fn a_snapshot_stops_them_before_the_new_head_is_written() {
     expect_read(&rep, 0, &pattern(1, 8192), true).await;
 
     rep.create_snapshot("s1", false, 0).await.unwrap();
-    // The old head's files still hold the old data: it must not be read.
+    // The old head's files are revoked before the snapshot is answered.
+    assert!(!rep.reads_locally());
+    assert_eq!(rep.local_layers(), None);
+    // The next read asks for the new chain's files: the new head over the
+    // snapshot, which hold the new data and the old.
     rep.write(0, Bytes::from(pattern(2, 4096)), false).await.unwrap();
     let mut want = pattern(1, 8192);
     want[..4096].copy_from_slice(&pattern(2, 4096));
-    expect_read(&rep, 0, &want, false).await;
-    assert!(!rep.reads_locally());
+    expect_read(&rep, 0, &want, true).await;
+    assert_eq!(rep.local_layers(), Some((2, true)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_over_snapshots_find_each_block_in_its_layer() {
+    let r = start(Faults::default()).await;
+    let rep = connect(&r, 1, RemoteOptions::default()).await;
+    let base = pattern(1, 64 << 10);
+    rep.write(0, Bytes::from(base.clone()), false).await.unwrap();
+    rep.create_snapshot("s1", false, 0).await.unwrap();
+    rep.write(4096, Bytes::from(pattern(2, 4096)), false).await.unwrap();
+    rep.create_snapshot("s2", false, 0).await.unwrap();
+    rep.write(8192, Bytes::from(pattern(3, 8192)), false).await.unwrap();
+    // A ZERO record in the head hides s1's block; a hole never written
+    // anywhere reads as zeros.
+    rep.write_zeroes(32 << 10, 4096, ZeroFlags::default()).await.unwrap();
+    let mut want = base.clone();
+    want[4096..8192].copy_from_slice(&pattern(2, 4096));
+    want[8192..16384].copy_from_slice(&pattern(3, 8192));
+    want[32 << 10..36 << 10].fill(0);
+    expect_read(&rep, 0, &want, true).await;
+    assert_eq!(rep.local_layers(), Some((3, true)));
+    expect_read(&rep, 1 << 20, &[0; 8192], true).await;
+    // Large, unaligned to the layers' runs: the same bytes.
+    let mut big = want.clone();
+    big.resize(512 << 10, 0);
+    expect_read(&rep, 0, &big, true).await;
+
+    // Deleting s1 merges it into s2 and then changes the chain.
+    rep.delete_snapshot("s1").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rep.snapshots().await.unwrap().len() > 1 {
+        assert!(Instant::now() < deadline, "merge did not finish");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    expect_read(&rep, 0, &want, true).await;
+    assert_eq!(rep.local_layers(), Some((2, true)));
+
+    // Reverting to s2 drops what the head held since.
+    rep.revert_snapshot("s2", 2).await.unwrap();
+    let mut want = base;
+    want[4096..8192].copy_from_slice(&pattern(2, 4096));
+    expect_read(&rep, 0, &want, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_below_the_layers_lent_are_read_by_the_replica() {
+    let r = start(Faults::default()).await;
+    let rep = connect(&r, 1, RemoteOptions::default()).await;
+    let bottom = pattern(4, 8192);
+    rep.write(0, Bytes::from(bottom.clone()), false).await.unwrap();
+    for i in 0..jiva_core::local::MAX_LAYERS {
+        rep.create_snapshot(&format!("s{i}"), false, 0).await.unwrap();
+    }
+    rep.write(1 << 20, Bytes::from(pattern(5, 4096)), false).await.unwrap();
+    // In the head: read here. Below the layers lent: by the replica, and
+    // never as zeros.
+    expect_read(&rep, 1 << 20, &pattern(5, 4096), true).await;
+    assert_eq!(rep.local_layers(), Some((jiva_core::local::MAX_LAYERS, false)));
+    expect_read(&rep, 0, &bottom, false).await;
+    expect_read(&rep, 2 << 20, &[0; 4096], false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,5 +273,14 @@ async fn a_volume_reads_at_once_only_while_its_local_replica_allows_it() {
     assert!(!vol.reads_at_once(4096));
     assert!(vol.read_at_once(1 << 20, 4096).is_none(), "read the old head at once");
     assert!(vol.read(1 << 20, 4096).await.unwrap()[..] == pattern(8, 4096)[..]);
+    // That read asked for the new chain's files: at once again.
+    assert!(vol.reads_at_once(4096));
+    let (v, mut want) = (Arc::clone(&vol), data);
+    want[..4096].copy_from_slice(&pattern(8, 4096));
+    tokio::task::spawn_blocking(move || {
+        assert!(v.read_at_once(1 << 20, 1 << 20).expect("served at once")[..] == want[..]);
+    })
+    .await
+    .unwrap();
     vol.shutdown().await.unwrap();
 }
