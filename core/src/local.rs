@@ -4,9 +4,10 @@
 //!
 //! The replica stays the only writer and stays in its own process. It may
 //! hand the controller read-only descriptors of the data and records files
-//! of the top layers of its chain (head first, at most [`MAX_LAYERS`]) and
-//! a [`Validity`] word: at the handshake while the chain is the head alone,
-//! and on request ([`crate::wire::Opcode::LocalFiles`]) at any time. A read
+//! of its layer chain (head first; the head alone where the chain has more
+//! than [`MAX_LAYERS`] layers) and a [`Validity`] word: at the handshake
+//! while the chain is the head alone, and on request
+//! ([`crate::wire::Opcode::LocalFiles`]) at any time. A read
 //! here is served only if all of it is already in the page cache
 //! (`RWF_NOWAIT`), every block checks against its record in the first
 //! layer that holds it, and the word was set both before and after the

@@ -560,9 +560,14 @@ impl LocalGrant {
 }
 
 impl Store {
-    /// Read-only descriptors of the files of the top `max_layers` layers
-    /// (head first) and a new validity word. The word is revoked when the
-    /// chain next changes.
+    /// Read-only descriptors of the files of the whole chain (head first)
+    /// if it has at most `max_layers` layers, else of the head alone, and a
+    /// new validity word. The word is revoked when the chain next changes.
+    ///
+    /// Why not the top `max_layers` of a longer chain: a reader looks for a
+    /// block in every layer it was lent before it may send the read to the
+    /// replica, so blocks deep in a long chain would cost a records read per
+    /// layer lent and then the round trip anyway.
     pub fn local_files(&self, max_layers: usize) -> Result<LocalGrant> {
         let inner = &self.inner;
         // Held over the registration, so that no chain change slips in
@@ -573,7 +578,8 @@ impl Store {
                 .map_err(|e| Error::new(ErrorKind::Io, format!("cannot open {name} for a local reader: {e}")))
         };
         let mut layers = Vec::new();
-        for layer in chain.iter().rev().take(max_layers.max(1)) {
+        let lend = if chain.len() <= max_layers { chain.len() } else { 1 };
+        for layer in chain.iter().rev().take(lend) {
             layers
                 .push((open(format::data_file_name(layer.id))?, open(format::records_file_name(layer.id))?));
         }
