@@ -200,11 +200,27 @@ async fn injected_read_faults_are_not_bypassed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_racing_writes_see_whole_blocks_never_corruption() {
+    race_reads_with_writes(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_racing_writes_over_a_snapshot_see_whole_blocks_never_corruption() {
+    race_reads_with_writes(true).await;
+}
+
+/// Reads 16 KiB while its first 8 KiB are rewritten with one pattern or
+/// the other: every block read is one of them. With `snapshot`, the first
+/// pattern is in a snapshot below an empty head, so blocks move from the
+/// snapshot's layer to the head's while they are being read.
+async fn race_reads_with_writes(snapshot: bool) {
     let r = start(Faults::default()).await;
     let rep = Arc::new(connect(&r, 1, RemoteOptions::default()).await);
     const LEN: usize = 16384;
     let (a, b) = (pattern(1, LEN), pattern(2, LEN));
     rep.write(0, Bytes::from(a.clone()), false).await.unwrap();
+    if snapshot {
+        rep.create_snapshot("s1", false, 0).await.unwrap();
+    }
     let deadline = Instant::now() + Duration::from_millis(1500);
     let writer = {
         let (rep, a, b) = (rep.clone(), a.clone(), b.clone());
@@ -212,7 +228,7 @@ async fn reads_racing_writes_see_whole_blocks_never_corruption() {
             let mut n = 0u64;
             while Instant::now() < deadline {
                 let data = if n.is_multiple_of(2) { &b } else { &a };
-                rep.write(0, Bytes::from(data.clone()), false).await.unwrap();
+                rep.write(0, Bytes::copy_from_slice(&data[..LEN / 2]), false).await.unwrap();
                 n += 1;
             }
         })
@@ -224,11 +240,15 @@ async fn reads_racing_writes_see_whole_blocks_never_corruption() {
             let at = i * 4096..(i + 1) * 4096;
             assert!(block == &a[at.clone()] || block == &b[at], "block {i} is neither write");
         }
+        assert!(got[LEN / 2..] == a[LEN / 2..], "blocks never rewritten changed");
         reads += 1;
     }
     writer.await.unwrap();
     assert!(reads > 100);
     assert!(rep.local_reads() > 0, "no read was served from the files");
+    if snapshot {
+        assert_eq!(rep.local_layers(), Some((2, true)));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
