@@ -199,9 +199,11 @@ impl LocalFiles {
     /// this read must go to the replica instead (see the module docs).
     ///
     /// Every block comes from the first layer whose record holds it (data
-    /// or a ZERO record), as the replica's own read would find it. The
-    /// head's data is read for the whole range first: with or without
-    /// snapshots below, most blocks read are the head's.
+    /// or a ZERO record), as the replica's own read would find it. Records
+    /// come first, layer by layer, and data is read only where a layer
+    /// holds it: reading a layer's holes would fill the page cache with
+    /// zeros (readahead of a sparse file). With every block in the head,
+    /// that is one read of the records and one of the data.
     pub fn read(&self, offset: u64, len: usize) -> Option<Bytes> {
         if len == 0 || len > MAX_LOCAL_READ || !offset.is_multiple_of(BS as u64) || !len.is_multiple_of(BS) {
             return None;
@@ -210,39 +212,41 @@ impl LocalFiles {
             return None;
         }
         let (first, count) = (offset / BS as u64, len / BS);
-        let mut data = BytesMut::with_capacity(len);
         let head = &self.layers[0];
-        // SAFETY: the spare capacity is `len` writable bytes that nothing
-        // else refers to; preadv2 writes at most that many.
-        let got =
-            unsafe { pread_nowait(&head.data, data.spare_capacity_mut().as_mut_ptr().cast(), len, offset) };
-        if got != Some(len) {
-            return None;
-        }
-        // SAFETY: preadv2 initialised the first `len` bytes.
-        unsafe { data.set_len(len) };
         let mut records = vec![0u8; MAX_BLOCKS * REC];
-        let mut below = Vec::new();
         read_records(head, first, &mut records[..count * REC])?;
-        for (i, (block, rec)) in data.chunks_exact_mut(BS).zip(records.chunks_exact(REC)).enumerate() {
-            match check(block, rec)? {
-                Held::Here => {}
-                Held::Below => below.push(i),
-            }
-        }
-        for layer in &self.layers[1..] {
-            if below.is_empty() {
-                break;
-            }
-            below = self.read_below(layer, first, &mut data, &below, &mut records)?;
-        }
-        if !below.is_empty() {
-            // Held by no layer here: zeros if these are all the layers.
-            if !self.whole {
+        let held = |rec: &[u8]| decode_record(rec).is_ok_and(|r| r.is_allocated() && !r.is_zero());
+        let mut data = BytesMut::with_capacity(len);
+        if records[..count * REC].chunks_exact(REC).all(held) {
+            // SAFETY: the spare capacity is `len` writable bytes that
+            // nothing else refers to; preadv2 writes at most that many.
+            let got = unsafe {
+                pread_nowait(&head.data, data.spare_capacity_mut().as_mut_ptr().cast(), len, offset)
+            };
+            if got != Some(len) {
                 return None;
             }
-            for i in below {
-                data[i * BS..(i + 1) * BS].fill(0);
+            // SAFETY: preadv2 initialised the first `len` bytes.
+            unsafe { data.set_len(len) };
+            for (block, rec) in data.chunks_exact_mut(BS).zip(records.chunks_exact(REC)) {
+                if !matches!(check(block, rec)?, Held::Here) {
+                    return None;
+                }
+            }
+        } else {
+            data.resize(len, 0);
+            let all: Vec<usize> = (0..count).collect();
+            let mut below = fill_from(head, first, &mut data, &all, &mut records, true)?;
+            for layer in &self.layers[1..] {
+                if below.is_empty() {
+                    break;
+                }
+                below = fill_from(layer, first, &mut data, &below, &mut records, false)?;
+            }
+            // Held by no layer here: zeros (already) if these are all the
+            // layers; otherwise only the replica knows.
+            if !below.is_empty() && !self.whole {
+                return None;
             }
         }
         // Revoked meanwhile: the files may have been stale for part of it.
@@ -252,51 +256,54 @@ impl LocalFiles {
         self.served.fetch_add(1, Ordering::Relaxed);
         Some(data.freeze())
     }
+}
 
-    /// Fills the blocks `todo` (indexes into `data`, ascending) that `layer`
-    /// holds, and returns those it does not. One records read per run of
-    /// consecutive blocks, then one data read per run of blocks it holds.
-    fn read_below(
-        &self,
-        layer: &Layer,
-        first: u64,
-        data: &mut [u8],
-        todo: &[usize],
-        records: &mut [u8],
-    ) -> Option<Vec<usize>> {
-        let mut left = Vec::new();
-        for run in runs(todo) {
-            let recs = &mut records[run.start * REC..run.end * REC];
+/// Fills the blocks `todo` (indexes into `data`, ascending; `data` holds
+/// zeros there) that `layer` holds, and returns those it does not. Reads
+/// the records of each run of consecutive blocks first (unless
+/// `have_records`: `records` holds them), then the data of each run of
+/// blocks held as data.
+fn fill_from(
+    layer: &Layer,
+    first: u64,
+    data: &mut [u8],
+    todo: &[usize],
+    records: &mut [u8],
+    have_records: bool,
+) -> Option<Vec<usize>> {
+    let mut left = Vec::new();
+    for run in runs(todo) {
+        let recs = &mut records[run.start * REC..run.end * REC];
+        if !have_records {
             read_records(layer, first + run.start as u64, recs)?;
-            let mut held: Vec<usize> = Vec::new();
-            for (i, rec) in run.clone().zip(recs.chunks_exact(REC)) {
-                let rec = decode_record(rec).ok()?;
-                if rec.is_zero() {
-                    data[i * BS..(i + 1) * BS].fill(0);
-                } else if rec.is_allocated() {
-                    held.push(i);
-                } else {
-                    left.push(i);
-                }
+        }
+        let mut held: Vec<usize> = Vec::new();
+        for (i, rec) in run.clone().zip(recs.chunks_exact(REC)) {
+            let rec = decode_record(rec).ok()?;
+            if rec.is_zero() {
+                // Zeros, as `data` holds already.
+            } else if rec.is_allocated() {
+                held.push(i);
+            } else {
+                left.push(i);
             }
-            for part in runs(&held) {
-                let dest = &mut data[part.start * BS..part.end * BS];
-                let at = (first + part.start as u64) * BS as u64;
-                // SAFETY: `dest` is `dest.len()` bytes of ours for the call.
-                if unsafe { pread_nowait(&layer.data, dest.as_mut_ptr(), dest.len(), at) } != Some(dest.len())
-                {
+        }
+        for part in runs(&held) {
+            let dest = &mut data[part.start * BS..part.end * BS];
+            let at = (first + part.start as u64) * BS as u64;
+            // SAFETY: `dest` is `dest.len()` bytes of ours for the call.
+            if unsafe { pread_nowait(&layer.data, dest.as_mut_ptr(), dest.len(), at) } != Some(dest.len()) {
+                return None;
+            }
+            let recs = &records[part.start * REC..part.end * REC];
+            for (block, rec) in dest.chunks_exact_mut(BS).zip(recs.chunks_exact(REC)) {
+                if !matches!(check(block, rec)?, Held::Here) {
                     return None;
-                }
-                let recs = &records[part.start * REC..part.end * REC];
-                for (block, rec) in dest.chunks_exact_mut(BS).zip(recs.chunks_exact(REC)) {
-                    if !matches!(check(block, rec)?, Held::Here) {
-                        return None;
-                    }
                 }
             }
         }
-        Some(left)
     }
+    Some(left)
 }
 
 /// Where a block's contents are, by its record in one layer.
