@@ -423,7 +423,7 @@ impl<B: Backend> ReplicaServer<B> {
             return Ok(());
         }
         tracing::info!(volume = %hello.volume, epoch = hello.epoch, "controller attached");
-        self.serve_requests(rd, wr, buf, hello.epoch, zc, shm, lender).await
+        self.serve_requests(rd, wr, buf, hello.epoch, Sender { zc, lender }, shm).await
     }
 
     /// Hands connection `epoch` the files of the top `max_layers` layers
@@ -542,19 +542,18 @@ impl<B: Backend> ReplicaServer<B> {
         wr: W,
         mut buf: BytesMut,
         epoch: u64,
-        zc: Option<ZeroCopy>,
+        sender: Sender,
         shm: SharedMemory,
-        lender: Option<OwnedFd>,
     ) -> Result<()>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let lends_files = lender.is_some();
+        let lends_files = sender.lender.is_some();
         // Layer files lent on this connection: revoked when it ends.
         let mut lent: Vec<Revoke> = Vec::new();
         let (tx, rx) = mpsc::unbounded_channel::<Answer>();
-        let writer = tokio::spawn(write_responses(rx, wr, zc, lender));
+        let writer = tokio::spawn(write_responses(rx, wr, sender));
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let result = loop {
             let mut req = match wire::decode_request(&mut buf) {
@@ -820,6 +819,16 @@ impl<B: Backend> ReplicaServer<B> {
     }
 }
 
+/// What the response writer sends through besides its stream, both on
+/// the connection's own socket where it is a Unix socket.
+struct Sender {
+    /// Large replies without a copy.
+    zc: Option<ZeroCopy>,
+    /// A duplicate of the socket's descriptor, to lend layer files with an
+    /// answer (`Opcode::LocalFiles`).
+    lender: Option<OwnedFd>,
+}
+
 /// Memory a controller shared with this connection (see [`jiva_core::shm`]).
 struct SharedMemory {
     /// WRITE payloads (read-only here).
@@ -1042,9 +1051,9 @@ impl Answer {
 async fn write_responses<W: AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<Answer>,
     wr: W,
-    mut zc: Option<ZeroCopy>,
-    lender: Option<OwnedFd>,
+    sender: Sender,
 ) {
+    let Sender { mut zc, lender } = sender;
     let mut w = BufWriter::with_capacity(256 * 1024, wr);
     let result: std::io::Result<()> = async {
         while let Some(first) = rx.recv().await {
