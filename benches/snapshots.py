@@ -4,7 +4,10 @@ whose data sits at the bottom of a chain of 100 snapshots, against the same
 volume with a chain of 1 (the layer index makes the depth cost no I/O).
 Prints both latencies and their ratio (the goal is <= 1.2), and the write
 pause each snapshot create reported (median and maximum; the volume is idle
-then). Timing on shared machines is noisy: compare numbers from one run.
+then). Also 4k random reads at depth 32 with a chain of 2 (one snapshot)
+against 1: a controller reads a local replica's layers itself across a
+short chain, so one snapshot should cost little. Timing on shared machines
+is noisy: compare numbers from one run.
 
 Usage: benches/snapshots.py [--jiva target/release/jiva] [--size 256M] [--chain 100]
 Needs fio with its nbd engine.
@@ -30,7 +33,8 @@ def fio(uri, rw, size, runtime=None, extra=()):
 def measure(jiva, base, size, chain, runtime, pauses):
     """Fills the volume, stacks `chain` snapshots (each with a little new data
     elsewhere; their pauses in ms go to `pauses`), and returns the mean 4k
-    random-read latency in microseconds."""
+    random-read latency in microseconds at depth 1, its IOPS, and the IOPS
+    at depth 32."""
     procs = []
     try:
         rep, addr = spawn([jiva, "replica", "--listen", "127.0.0.1:0", "--dir", f"{base}/r", "--size", size],
@@ -50,7 +54,8 @@ def measure(jiva, base, size, chain, runtime, pauses):
         # Warm the page cache so the run measures the read path, not the disk.
         fio(uri, "read", size, extra=["--bs=1M"])
         j = fio(uri, "randread", size, runtime=runtime, extra=["--iodepth=1"])
-        return j["read"]["clat_ns"]["mean"] / 1000.0, j["read"]["iops"]
+        deep = fio(uri, "randread", size, runtime=max(runtime // 3, 1), extra=["--iodepth=32"])
+        return j["read"]["clat_ns"]["mean"] / 1000.0, j["read"]["iops"], deep["read"]["iops"]
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -66,16 +71,18 @@ def main():
     jiva = os.path.abspath(a.jiva)
     results = {}
     pauses = []
-    for chain in (1, a.chain):
+    for chain in sorted({1, 2, a.chain}):
         base = tempfile.mkdtemp(prefix="jiva-snap-bench-")
         try:
             results[chain] = measure(jiva, base, a.size, chain, a.runtime, pauses)
         finally:
             shutil.rmtree(base, ignore_errors=True)
-        lat, iops = results[chain]
-        print(f"chain of {chain:>4}: 4k random read (QD1) mean latency {lat:8.1f} us, {iops:8.0f} IOPS")
+        lat, iops, deep = results[chain]
+        print(f"chain of {chain:>4}: 4k random read (QD1) mean latency {lat:8.1f} us, {iops:8.0f} IOPS; "
+              f"QD32 {deep:8.0f} IOPS")
     ratio = results[a.chain][0] / results[1][0]
     print(f"ratio (chain {a.chain} / chain 1): {ratio:.2f}  (goal <= 1.20)")
+    print(f"QD32 IOPS, chain 2 / chain 1: {results[2][2] / results[1][2]:.2f}")
     if pauses:
         pauses.sort()
         print(f"snapshot create pause: median {pauses[len(pauses) // 2]:.2f} ms, "

@@ -1417,4 +1417,15 @@ mod tests {
             prop_assert_eq!(decode_snap_target(&encode_snap_target(&t)).unwrap(), t);
         }
     }
+
+    #[test]
+    fn local_files_answers_name_at_least_one_layer_and_a_plain_flag() {
+        let answer = LocalFilesAnswer { layers: 3, whole: true };
+        assert_eq!(LocalFilesAnswer::decode(&answer.encode()), Ok(answer));
+        let partial = LocalFilesAnswer { layers: 1, whole: false };
+        assert_eq!(LocalFilesAnswer::decode(&partial.encode()), Ok(partial));
+        for bad in [&[0u8, 1][..], &[2, 2], &[2], &[2, 1, 0], &[]] {
+            assert!(LocalFilesAnswer::decode(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }
