@@ -1067,6 +1067,9 @@ async fn write_responses<W: AsyncWrite + Unpin>(
                     // travel with this frame's first byte.
                     w.flush().await?;
                     lend_files(&mut w, lender.as_ref(), &frame, &grant).await?;
+                    if let Some(zc) = zc.as_mut() {
+                        zc.count(frame.len());
+                    }
                     next = rx.try_recv().ok();
                     continue;
                 }
