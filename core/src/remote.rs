@@ -695,7 +695,13 @@ impl RemoteReplica {
 
     /// The layer files we may read, if any (maybe revoked since).
     fn local_files(&self) -> Option<Arc<LocalFiles>> {
-        self.local.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.local_guard().clone()
+    }
+
+    /// The layer files under a read lock, for calls that need no `Arc` of
+    /// their own (no reference-count traffic on every read).
+    fn local_guard(&self) -> std::sync::RwLockReadGuard<'_, Option<Arc<LocalFiles>>> {
+        self.local.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// READs served from the replica's layer files directly so far.
@@ -706,7 +712,7 @@ impl RemoteReplica {
 
     /// Whether this connection reads the replica's layer files directly now.
     pub fn reads_locally(&self) -> bool {
-        self.local_files().is_some_and(|l| l.is_valid()) && self.is_connected()
+        self.local_guard().as_ref().is_some_and(|l| l.is_valid()) && self.is_connected()
     }
 
     /// How many layers the files we read cover, and whether that is the
@@ -733,7 +739,9 @@ impl RemoteReplica {
         if lock().is_some_and(|at| Instant::now() < at) {
             return Ok(());
         }
-        match self.ask_files().await {
+        // Boxed: the ask is rare, and every read's future would otherwise
+        // carry room for a whole request's.
+        match Box::pin(self.ask_files()).await {
             Ok(files) => {
                 let mut local = self.local.write().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if let Some(old) = local.replace(Arc::new(files)) {
@@ -1020,7 +1028,8 @@ impl BlockDevice for RemoteReplica {
     }
 
     fn read_at_once(&self, offset: u64, len: usize) -> Option<Bytes> {
-        let local = self.local_files()?;
+        let local = self.local_guard();
+        let local = local.as_ref()?;
         // A replica that went away can no longer revoke the files.
         if !self.is_connected() {
             return None;
