@@ -45,6 +45,7 @@ use jiva_core::wire::{
     self, Hello, HelloMode, HelloReply, Membership, Opcode, RebuildMark, ReplicaMeta, Request, Response,
     SnapshotEntry,
 };
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{RwLock, Semaphore, mpsc};
@@ -416,7 +417,11 @@ impl<B: Backend> ReplicaServer<B> {
         }
         wr.flush().await?;
         // Kept to lend layer files later (`Opcode::LocalFiles`).
-        let lender = sock.filter(|_| lends_files);
+        let lender = sock.filter(|_| lends_files).and_then(|fd| {
+            jiva_core::pipe::register_duplicate(fd.as_fd(), tokio::io::Interest::WRITABLE)
+                .map_err(|e| tracing::warn!("cannot lend layer files on this connection: {e}"))
+                .ok()
+        });
         // Revoked when this connection ends, however it ends.
         let _local = local.map(|grant| Revoke(grant.validity));
         if !attached {
@@ -441,7 +446,27 @@ impl<B: Backend> ReplicaServer<B> {
         Some(grant)
     }
 
-    /// Revokes the head files of every connection older than `epoch`.
+    /// The answer to a `LocalFiles` request on connection `epoch`: the
+    /// layer files with their word, which `lent` keeps until the connection
+    /// ends, or a refusal.
+    fn lend(&self, tag: u64, epoch: u64, lends_files: bool, lent: &mut Vec<Revoke>) -> Answer {
+        let grant = match lends_files && self.faults.allow_local_reads() {
+            true => self.grant_local(epoch, jiva_core::local::MAX_LAYERS),
+            false => None,
+        };
+        let Some(grant) = grant else {
+            let e = Error::new(ErrorKind::Unavailable, "no layer files to lend on this connection");
+            return Answer::plain(Response::error(tag, &e));
+        };
+        lent.retain(|r| r.0.is_valid());
+        lent.push(Revoke(grant.validity.clone()));
+        let layers = u8::try_from(grant.layers.len()).expect("at most MAX_LAYERS");
+        let body = wire::LocalFilesAnswer { layers, whole: grant.whole }.encode();
+        let resp = Response::ok(tag, Bytes::copy_from_slice(&body));
+        Answer { resp, pipe: None, copy: false, files: Some(grant) }
+    }
+
+    /// Revokes the layer files lent to every connection older than `epoch`.
     fn revoke_local_below(&self, epoch: u64) {
         let mut grants = self.local_grants.lock().unwrap_or_else(PoisonError::into_inner);
         grants.retain(|(e, g)| match g.upgrade() {
@@ -605,26 +630,7 @@ impl<B: Backend> ReplicaServer<B> {
                 break Err(e);
             }
             if req.opcode == Opcode::LocalFiles {
-                let grant = match lends_files && self.faults.allow_local_reads() {
-                    true => self.grant_local(epoch, jiva_core::local::MAX_LAYERS),
-                    false => None,
-                };
-                let answer = match grant {
-                    Some(grant) => {
-                        lent.retain(|r| r.0.is_valid());
-                        lent.push(Revoke(grant.validity.clone()));
-                        let layers = u8::try_from(grant.layers.len()).expect("at most MAX_LAYERS");
-                        let body = wire::LocalFilesAnswer { layers, whole: grant.whole }.encode();
-                        let resp = Response::ok(req.tag, Bytes::copy_from_slice(&body));
-                        Answer { resp, pipe: None, copy: false, files: Some(grant) }
-                    }
-                    None => {
-                        let e =
-                            Error::new(ErrorKind::Unavailable, "no layer files to lend on this connection");
-                        Answer::plain(Response::error(req.tag, &e))
-                    }
-                };
-                let _ = tx.send(answer);
+                let _ = tx.send(self.lend(req.tag, epoch, lends_files, &mut lent));
                 continue;
             }
             let permit = match slots.clone().try_acquire_owned() {
@@ -826,7 +832,7 @@ struct Sender {
     zc: Option<ZeroCopy>,
     /// A duplicate of the socket's descriptor, to lend layer files with an
     /// answer (`Opcode::LocalFiles`).
-    lender: Option<OwnedFd>,
+    lender: Option<AsyncFd<OwnedFd>>,
 }
 
 /// Memory a controller shared with this connection (see [`jiva_core::shm`]).
@@ -1106,31 +1112,23 @@ async fn write_responses<W: AsyncWrite + Unpin>(
 /// with `grant`'s descriptors attached to its first bytes.
 async fn lend_files<W: AsyncWrite + Unpin>(
     w: &mut W,
-    lender: Option<&OwnedFd>,
+    lender: Option<&AsyncFd<OwnedFd>>,
     frame: &[u8],
     grant: &LocalGrant,
 ) -> std::io::Result<()> {
     let Some(sock) = lender else {
         return Err(std::io::Error::other("layer files to lend on a connection that cannot carry them"));
     };
-    // Rare (once per chain change), so a full socket is waited out by
-    // polling rather than through the runtime's readiness.
-    let give_up = std::time::Instant::now() + LEND_TIMEOUT;
+    let fds = grant.fds();
     let sent = loop {
-        match jiva_core::fdpass::send(sock.as_fd(), frame, &grant.fds()) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < give_up => {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err(e) => return Err(e),
+        let mut ready = sock.writable().await?;
+        if let Ok(result) = ready.try_io(|s| jiva_core::fdpass::send(s.get_ref().as_fd(), frame, &fds)) {
+            break result?;
         }
     };
     w.write_all(&frame[sent..]).await?;
     w.flush().await
 }
-
-/// How long a full socket may hold up an answer that lends layer files.
-const LEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Backend for crate::Store {
     fn local_files(&self, max_layers: usize) -> Option<LocalGrant> {
