@@ -221,6 +221,8 @@ pub struct RemoteReplica {
     shm: Option<Arc<ShmPool>>,
     /// Shared WRITEs may carry their block crcs ([`wire::FLAG_BLOCK_CRCS`]).
     block_crcs: bool,
+    /// WRITEs may carry [`wire::FLAG_FAN_OUT`].
+    fan_out: bool,
     /// Memory this replica puts READ replies in, if it mapped it.
     reads: Option<Arc<ShmPool>>,
     /// The replica's layer files, while it lets us read them directly.
@@ -495,6 +497,7 @@ impl RemoteReplica {
             pipes,
             shm,
             block_crcs,
+            fan_out: reply.flags & wire::HELLO_FAN_OUT != 0,
             asks_files: opts.local_reads && reads.is_some() && reply.flags & wire::HELLO_LOCAL_FILES != 0,
             reads,
             local: std::sync::RwLock::new(local),
@@ -1076,23 +1079,17 @@ impl BlockDevice for RemoteReplica {
     }
 }
 
-impl Replica for RemoteReplica {
-    fn shares_payload_memory(&self) -> bool {
-        self.shares_memory()
-    }
-
-    async fn write_at(
+impl RemoteReplica {
+    /// A WRITE with `flags` (FUA, CRC, FAN_OUT); the payload goes through
+    /// shared memory where it lies there.
+    async fn write_flagged(
         &self,
         offset: u64,
         data: Bytes,
-        fua: bool,
+        flags: u8,
         generation: u64,
         crc: Option<u32>,
     ) -> Result<()> {
-        let mut flags = if fua { wire::FLAG_FUA } else { 0 };
-        if crc.is_some() {
-            flags |= wire::FLAG_CRC;
-        }
         let mut req = Request {
             opcode: Opcode::Write,
             flags,
@@ -1132,6 +1129,35 @@ impl Replica for RemoteReplica {
             hold.answered();
         }
         result.map(drop)
+    }
+}
+
+impl Replica for RemoteReplica {
+    fn shares_payload_memory(&self) -> bool {
+        self.shares_memory()
+    }
+
+    async fn write_at(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        generation: u64,
+        crc: Option<u32>,
+    ) -> Result<()> {
+        let mut flags = if fua { wire::FLAG_FUA } else { 0 };
+        if crc.is_some() {
+            flags |= wire::FLAG_CRC;
+        }
+        self.write_flagged(offset, data, flags, generation, crc).await
+    }
+
+    async fn fan_out_write_at(&self, offset: u64, data: Bytes, fua: bool, generation: u64) -> Result<()> {
+        let mut flags = if fua { wire::FLAG_FUA } else { 0 };
+        if self.fan_out {
+            flags |= wire::FLAG_FAN_OUT;
+        }
+        self.write_flagged(offset, data, flags, generation, None).await
     }
 
     async fn write_piped_at(&self, offset: u64, data: Piped, fua: bool, generation: u64) -> Result<()> {

@@ -30,6 +30,19 @@ pub trait Replica: BlockDevice {
         generation: u64,
         crc: Option<u32>,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// [`Replica::write_at`] of a write the volume sends to other replicas
+    /// as well, so it completes with the slowest of them: a replica may
+    /// answer such writes sooner, at some cost (see
+    /// [`crate::wire::FLAG_FAN_OUT`]). The default is `write_at`.
+    fn fan_out_write_at(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        generation: u64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.write_at(offset, data, fua, generation, None)
+    }
     /// WRITE of a payload held in a pipe (see [`crate::pipe`]); replicas
     /// that can send it on without copying do. The default reads it into
     /// memory for [`Replica::write_at`].

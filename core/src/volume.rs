@@ -45,6 +45,15 @@ const BS: u64 = BLOCK_SIZE as u64;
 /// Slots for [`Volume::at_once_misses`]: about as many as reads in flight.
 /// A slot overwritten before its async read comes only loses the hint.
 const AT_ONCE_MISS_SLOTS: usize = 64;
+
+/// Where one replica's future stands among those of a replicated change.
+#[derive(Clone, Copy, Debug)]
+struct Fan {
+    /// The last one this change makes.
+    last: bool,
+    /// The change goes to more than one replica.
+    many: bool,
+}
 /// How long a snapshot operation waits for another one (or for a returning
 /// replica's snapshot copy) before it gives up.
 const SNAPSHOT_OPS_WAIT: Duration = Duration::from_secs(5);
@@ -780,8 +789,7 @@ impl<C: Connector> Volume<C> {
     /// `len > 0`, and applies the acknowledgement rule.
     async fn replicate<F, Fut>(&self, op: Op, offset: u64, len: u64, f: F) -> Result<()>
     where
-        // (link, generation, whether it is the last link this call makes a future for)
-        F: Fn(Arc<C::Link>, u64, bool) -> Fut,
+        F: Fn(Arc<C::Link>, u64, Fan) -> Fut,
         Fut: Future<Output = Result<()>>,
     {
         self.wait_unpaused().await;
@@ -815,7 +823,11 @@ impl<C: Connector> Volume<C> {
             }
             let results = join_all(targets.iter().enumerate().map(|(i, ((m, link), _))| {
                 let in_flight = InFlight::new(&m.in_flight);
-                let fut = f(link.clone(), io.generation, i + 1 == targets.len());
+                let fut = f(
+                    link.clone(),
+                    io.generation,
+                    Fan { last: i + 1 == targets.len(), many: targets.len() > 1 },
+                );
                 async move {
                     let _in_flight = in_flight;
                     fut.await
@@ -1874,9 +1886,14 @@ impl<C: Connector> BlockDevice for Volume<C> {
             // One checksum pass for all of them (see `crate::shm`).
             self.connector.share_block_crcs(&data);
         }
-        self.replicate(Op::Write, offset, len, |r, g, _| {
+        self.replicate(Op::Write, offset, len, |r, g, fan| {
             let data = data.clone();
-            async move { r.write_at(offset, data, fua, g, None).await }
+            async move {
+                match fan.many {
+                    true => r.fan_out_write_at(offset, data, fua, g).await,
+                    false => r.write_at(offset, data, fua, g, None).await,
+                }
+            }
         })
         .await
     }
@@ -1899,11 +1916,12 @@ impl<C: Connector> BlockDevice for Volume<C> {
         };
         let len = pipe.len() as u64;
         let shared = Mutex::new(SharedPayload::Pipe(pipe));
-        self.replicate(Op::Write, offset, len, |r, g, last| {
-            let payload = shared.lock().unwrap_or_else(PoisonError::into_inner).share(last);
+        self.replicate(Op::Write, offset, len, |r, g, fan| {
+            let payload = shared.lock().unwrap_or_else(PoisonError::into_inner).share(fan.last);
             async move {
                 match payload? {
                     Payload::Piped(p) => r.write_piped_at(offset, p, fua, g).await,
+                    Payload::Bytes(b) if fan.many => r.fan_out_write_at(offset, b, fua, g).await,
                     Payload::Bytes(b) => r.write_at(offset, b, fua, g, None).await,
                 }
             }

@@ -117,6 +117,11 @@ pub const FLAG_SHM: u8 = 32;
 /// BLOCK_SIZE` big-endian u32s), computed once by the controller for all
 /// replicas; the replica records them instead of computing its own.
 pub const FLAG_BLOCK_CRCS: u8 = 64;
+/// WRITE: the volume sends this write to other replicas too, so it
+/// completes with the slowest of them. The replica sends its answers to
+/// such writes in small groups as it stores them, rather than all at the
+/// end of a batch (offered as [`HELLO_FAN_OUT`]).
+pub const FLAG_FAN_OUT: u8 = 128;
 
 /// HelloReply flag: the replica's store was shut down cleanly last time.
 pub const HELLO_CLEAN: u32 = 1;
@@ -135,6 +140,8 @@ pub const HELLO_LOCAL_READS: u32 = 16;
 pub const HELLO_BLOCK_CRCS: u32 = 32;
 /// HelloReply flag: the replica answers [`Opcode::LocalFiles`].
 pub const HELLO_LOCAL_FILES: u32 = 64;
+/// HelloReply flag: WRITEs may carry [`FLAG_FAN_OUT`].
+pub const HELLO_FAN_OUT: u32 = 128;
 
 /// The answer to [`Opcode::LocalFiles`]: how many layers' files came with
 /// it, and whether they are the whole chain.
@@ -252,7 +259,7 @@ impl Opcode {
     /// Flags a request with this opcode may carry.
     fn allowed_flags(self) -> u8 {
         match self {
-            Opcode::Write => FLAG_FUA | FLAG_CRC | FLAG_SHM | FLAG_BLOCK_CRCS,
+            Opcode::Write => FLAG_FUA | FLAG_CRC | FLAG_SHM | FLAG_BLOCK_CRCS | FLAG_FAN_OUT,
             Opcode::Trim => FLAG_FUA,
             Opcode::WriteZeroes => FLAG_FUA | FLAG_NO_HOLE,
             Opcode::SnapCreate => FLAG_SYSTEM,
@@ -1227,6 +1234,22 @@ mod tests {
         assert_eq!(request_frame_len(&encode_request(&r)), None, "no room made for it");
         let r = Request { flags: both, length: 4096, ..Request::simple(Opcode::Read, 1, 0, 0) };
         assert!(decode_request(&mut encode_request(&r)).is_err(), "a read");
+    }
+
+    #[test]
+    fn only_writes_fan_out() {
+        let data = Bytes::from(vec![7u8; 4096]);
+        let w =
+            Request { flags: FLAG_FAN_OUT | FLAG_FUA, data, ..Request::simple(Opcode::Write, 3, 8192, 4096) };
+        assert_eq!(decode_request(&mut encode_request(&w)).unwrap(), Some(w));
+        for op in [Opcode::Read, Opcode::Trim, Opcode::WriteZeroes, Opcode::Flush] {
+            let r = Request { flags: FLAG_FAN_OUT, ..Request::simple(op, 3, 0, 4096) };
+            let r = Request { length: if op == Opcode::Flush { 0 } else { 4096 }, ..r };
+            assert!(
+                matches!(decode_request(&mut encode_request(&r)), Err(WireError::BadFlags { .. })),
+                "{op:?}"
+            );
+        }
     }
 
     fn encode_request(r: &Request) -> BytesMut {

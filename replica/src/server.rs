@@ -487,7 +487,8 @@ impl<B: Backend> ReplicaServer<B> {
             size: info.size,
             epoch: info.epoch,
             flags: (if info.clean { wire::HELLO_CLEAN } else { 0 })
-                | (if info.volume.is_some() { wire::HELLO_BOUND } else { 0 }),
+                | (if info.volume.is_some() { wire::HELLO_BOUND } else { 0 })
+                | wire::HELLO_FAN_OUT,
             volume: info.volume.clone().unwrap_or_default(),
             message: String::new(),
             meta: Some(self.backend.meta()),
@@ -580,6 +581,7 @@ impl<B: Backend> ReplicaServer<B> {
         let (tx, rx) = mpsc::unbounded_channel::<Answer>();
         let writer = tokio::spawn(write_responses(rx, wr, sender));
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let mut early = EarlyAnswers::default();
         let result = loop {
             let mut req = match wire::decode_request(&mut buf) {
                 Ok(Some(req)) => req,
@@ -598,6 +600,9 @@ impl<B: Backend> ReplicaServer<B> {
                 },
                 Err(e) => break Err(e.into()),
             };
+            let fan_out = req.opcode == Opcode::Write && req.flags & wire::FLAG_FAN_OUT != 0;
+            req.flags &= !wire::FLAG_FAN_OUT;
+            let length = req.length;
             let mut block_crcs = None;
             if req.opcode == Opcode::Write && req.flags & wire::FLAG_SHM != 0 {
                 match shared_payload(shm.writes.as_ref(), &req) {
@@ -682,6 +687,9 @@ impl<B: Backend> ReplicaServer<B> {
             let finished = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx).is_ready())).await;
             if !finished {
                 tokio::spawn(run);
+            } else if early.after(fan_out, length, !buf.is_empty()) {
+                // The response writer sends what it holds before we go on.
+                tokio::task::yield_now().await;
             }
         };
         // Let in-flight requests finish and their responses go out.
@@ -919,6 +927,51 @@ impl Drop for Lease {
 }
 
 /// The offset a request with [`wire::FLAG_SHM`] carries.
+/// When the answers of a batch go out. A batch of requests read from the
+/// socket together runs inline, one after the other, and its answers
+/// normally go out together once the batch is done: one send and one
+/// wake-up of the controller. A write the volume also sends to other
+/// replicas ([`wire::FLAG_FAN_OUT`]) completes only once the slowest of
+/// them answers, and on a small machine the replicas take turns on the
+/// CPUs: holding every answer to the end of a batch makes each write wait
+/// for the whole batch on every replica, while the controller and the
+/// client, with nothing to complete, sit idle. Such answers go out in
+/// groups instead. (3 replicas, 64 KiB random writes at depth 32: 9.3k →
+/// 12.5k IOPS; with one replica, early answers only cost more wake-ups.)
+#[derive(Debug, Default)]
+struct EarlyAnswers {
+    requests: usize,
+    bytes: u64,
+}
+
+impl EarlyAnswers {
+    /// Fan-out writes answered after which the answers go out...
+    const REQUESTS: usize = 8;
+    /// ...or bytes of them, whichever comes first.
+    const BYTES: u64 = 256 * 1024;
+
+    /// Notes a request answered at once (`length` bytes, `fan_out` as
+    /// flagged); `more`: the batch goes on. True when the answers held so
+    /// far should go out now.
+    fn after(&mut self, fan_out: bool, length: u64, more: bool) -> bool {
+        if !more {
+            // The batch is done: its answers go out anyway.
+            *self = EarlyAnswers::default();
+            return false;
+        }
+        if !fan_out {
+            return false;
+        }
+        self.requests += 1;
+        self.bytes += length;
+        let due = self.requests >= Self::REQUESTS || self.bytes >= Self::BYTES;
+        if due {
+            *self = EarlyAnswers::default();
+        }
+        due
+    }
+}
+
 fn shared_ref(req: &Request) -> Result<u64> {
     let at: [u8; shm::REF_LEN] = req.data[..req.data.len().min(shm::REF_LEN)]
         .try_into()
@@ -1273,7 +1326,32 @@ impl Backend for crate::Store {
 
 #[cfg(test)]
 mod tests {
-    use super::Faults;
+    use super::{EarlyAnswers, Faults};
+
+    #[test]
+    fn fan_out_answers_go_out_in_groups_within_a_batch() {
+        let mut early = EarlyAnswers::default();
+        // 4 KiB writes: every eighth.
+        let due: Vec<bool> = (0..16).map(|_| early.after(true, 4096, true)).collect();
+        assert_eq!(due.iter().filter(|&&d| d).count(), 2);
+        assert!(due[7] && due[15]);
+        // 64 KiB writes: every fourth (256 KiB); a 1 MiB write at once.
+        assert_eq!(
+            (0..4).map(|_| early.after(true, 65536, true)).collect::<Vec<_>>(),
+            [false, false, false, true]
+        );
+        assert!(early.after(true, 1 << 20, true));
+        // Writes to this replica alone never go out early...
+        assert!((0..32).all(|_| !early.after(false, 65536, true)));
+        // ...nor does the last request of a batch (its answers go out
+        // anyway), which also starts the count afresh.
+        for _ in 0..7 {
+            assert!(!early.after(true, 4096, true));
+        }
+        assert!(!early.after(true, 4096, false));
+        assert!((0..7).all(|_| !early.after(true, 4096, true)));
+        assert!(early.after(true, 4096, true));
+    }
 
     #[test]
     fn fault_specs_parse() {

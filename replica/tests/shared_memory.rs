@@ -326,6 +326,48 @@ async fn replicas_record_the_block_crcs_the_controller_computed() {
     assert_eq!(&check.read(2 << 20, data.len()).await.unwrap()[..], &data[..]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_fan_out_writes_is_answered_whole_and_stored() {
+    let r = start(Faults::default()).await;
+    let path = r.path.clone();
+    // 40 writes of 4 KiB to 128 KiB, sent in one go so that the replica
+    // reads them as one batch and answers some of them early.
+    let writes: Vec<(u64, Vec<u8>)> =
+        (0..40u64).map(|i| (i * (256 << 10), pattern(i as u8, 4096 << (i % 6)))).collect();
+    let sent = writes.clone();
+    tokio::task::spawn_blocking(move || {
+        let (mut s, flags) = raw_hello(&path, &[]);
+        assert_ne!(flags & wire::HELLO_FAN_OUT, 0, "fan-out writes are offered");
+        let mut out = BytesMut::new();
+        for (tag, (offset, data)) in sent.into_iter().enumerate() {
+            let req = Request {
+                flags: wire::FLAG_FAN_OUT,
+                length: data.len() as u64,
+                generation: 1,
+                data: Bytes::from(data),
+                ..Request::simple(Opcode::Write, tag as u64, offset, 0)
+            };
+            wire::encode_request_header(&req, &mut out);
+            out.put_slice(&req.data);
+        }
+        s.write_all(&out).unwrap();
+        let mut buf = BytesMut::new();
+        let mut answered = [false; 40];
+        for _ in 0..40 {
+            let (tag, status) = next_answer(&mut s, &mut buf);
+            assert_eq!(status, 0, "write {tag}");
+            assert!(!std::mem::replace(&mut answered[tag as usize], true), "write {tag} answered twice");
+        }
+        assert!(buf.is_empty(), "no answer beyond the 40");
+    })
+    .await
+    .unwrap();
+    let check = RemoteReplica::connect(&r.addr, "vol", SIZE, 2, RemoteOptions::default()).await.unwrap();
+    for (offset, data) in &writes {
+        assert_eq!(&check.read(*offset, data.len()).await.unwrap()[..], &data[..], "at {offset}");
+    }
+}
+
 /// Sends the frame of `req` (header and `req.data`) as it is.
 fn send_frame(s: &mut std::os::unix::net::UnixStream, req: &Request) {
     let mut out = BytesMut::new();
