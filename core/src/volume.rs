@@ -54,6 +54,7 @@ struct Fan {
     /// The change goes to more than one replica.
     many: bool,
 }
+
 /// How long a snapshot operation waits for another one (or for a returning
 /// replica's snapshot copy) before it gives up.
 const SNAPSHOT_OPS_WAIT: Duration = Duration::from_secs(5);
@@ -1889,9 +1890,10 @@ impl<C: Connector> BlockDevice for Volume<C> {
         self.replicate(Op::Write, offset, len, |r, g, fan| {
             let data = data.clone();
             async move {
-                match fan.many {
-                    true => r.fan_out_write_at(offset, data, fua, g).await,
-                    false => r.write_at(offset, data, fua, g, None).await,
+                if fan.many {
+                    r.fan_out_write_at(offset, data, fua, g).await
+                } else {
+                    r.write_at(offset, data, fua, g, None).await
                 }
             }
         })

@@ -926,7 +926,6 @@ impl Drop for Lease {
     }
 }
 
-/// The offset a request with [`wire::FLAG_SHM`] carries.
 /// When the answers of a batch go out. A batch of requests read from the
 /// socket together runs inline, one after the other, and its answers
 /// normally go out together once the batch is done: one send and one
@@ -972,6 +971,7 @@ impl EarlyAnswers {
     }
 }
 
+/// The offset a request with [`wire::FLAG_SHM`] carries.
 fn shared_ref(req: &Request) -> Result<u64> {
     let at: [u8; shm::REF_LEN] = req.data[..req.data.len().min(shm::REF_LEN)]
         .try_into()
