@@ -20,6 +20,7 @@ use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -38,7 +39,8 @@ const WAKE_TOKEN: u64 = u64::MAX;
 const MAX_CHUNK: usize = 1 << 30;
 /// Largest batch of buffered writes done on the caller's thread.
 const INLINE_WRITE_MAX: usize = 4 << 20;
-/// Largest single buffered write handed to the kernel (see [`split_writes`]).
+/// Largest single buffered write handed to the kernel where it may create
+/// page-cache folios (see [`split_writes`] and [`buffered_piece`]).
 const BUFFERED_WRITE_CHUNK: usize = 64 * 1024;
 
 /// See the module documentation.
@@ -162,18 +164,25 @@ impl UringEngine {
 /// 1 MiB writes leave 1 MiB folios behind, and every later 4 KiB write
 /// into one costs several times more CPU (about 28 us instead of 4 us per
 /// pwrite on ext4 here) and dirties, so writes back, the whole folio.
+///
+/// Writes into pages that are all cached already are not split (see
+/// [`buffered_piece`]).
 fn split_writes(batch: Batch, direct: impl Fn(&Arc<File>) -> bool) -> (Batch, Option<Vec<usize>>) {
-    let long = |r: &Request| match &r.action {
-        Action::Write { data, .. } => data.len() > BUFFERED_WRITE_CHUNK && !direct(&r.file),
-        _ => false,
+    let piece = |r: &Request| match &r.action {
+        Action::Write { data, .. } if !direct(&r.file) => buffered_piece(&r.file, r.offset, data.len()),
+        Action::Write { data, .. } => data.len(),
+        _ => usize::MAX,
     };
-    if !batch.iter().any(long) {
+    let longer =
+        |r: &Request, size: usize| matches!(&r.action, Action::Write { data, .. } if data.len() > size);
+    let sizes: Vec<usize> = batch.iter().map(piece).collect();
+    if !batch.iter().zip(&sizes).any(|(r, &size)| longer(r, size)) {
         return (batch, None);
     }
     let mut out = Vec::with_capacity(batch.len());
     let mut pieces = Vec::with_capacity(batch.len());
-    for req in batch {
-        if !long(&req) {
+    for (req, size) in batch.into_iter().zip(sizes) {
+        if !longer(&req, size) {
             out.push(req);
             pieces.push(1);
             continue;
@@ -181,7 +190,7 @@ fn split_writes(batch: Batch, direct: impl Fn(&Arc<File>) -> bool) -> (Batch, Op
         let Action::Write { data, dsync } = req.action else { unreachable!("checked above") };
         let mut at = 0;
         while at < data.len() {
-            let end = (at + BUFFERED_WRITE_CHUNK).min(data.len());
+            let end = (at + size).min(data.len());
             out.push(Request {
                 file: req.file.clone(),
                 offset: req.offset + at as u64,
@@ -189,9 +198,82 @@ fn split_writes(batch: Batch, direct: impl Fn(&Arc<File>) -> bool) -> (Batch, Op
             });
             at = end;
         }
-        pieces.push(data.len().div_ceil(BUFFERED_WRITE_CHUNK));
+        pieces.push(data.len().div_ceil(size));
     }
     (out, Some(pieces))
+}
+
+/// How long the pieces of a buffered write of `len` bytes at `offset` of
+/// `file` are: [`BUFFERED_WRITE_CHUNK`], except where every page it covers
+/// is cached, where it goes whole.
+///
+/// Why: the page cache sizes a new folio by the write that creates it, so
+/// pieces keep the folios that large writes leave behind small (see
+/// [`split_writes`]). A write into cached pages keeps the folios it finds,
+/// whatever its size, so pieces would only cost system calls there: 1 MiB
+/// overwrites of a cached volume made 16 `pwrite`s each. Written whole,
+/// one replica took 18 % more of them per second (4 of 4 paired rounds)
+/// at 17 % less server CPU per write, three replicas 6 % more at 11 %
+/// less. Pages evicted between the check and the write only cost a larger
+/// folio.
+fn buffered_piece(file: &File, offset: u64, len: usize) -> usize {
+    if len > BUFFERED_WRITE_CHUNK && cached_bytes(file, offset, len).is_some_and(|c| c >= len as u64) {
+        len
+    } else {
+        BUFFERED_WRITE_CHUNK
+    }
+}
+
+/// Set once `cachestat(2)` turned out missing (a kernel before 6.5) or
+/// refused (a seccomp profile): it is not asked again.
+static CACHESTAT_MISSING: AtomicBool = AtomicBool::new(false);
+
+/// Bytes of the pages covering `len` (> 0) bytes at `offset` of `file`
+/// that are in the page cache now, from `cachestat(2)` (Linux 6.5);
+/// `None` where it cannot tell.
+fn cached_bytes(file: &File, offset: u64, len: usize) -> Option<u64> {
+    /// `struct cachestat_range` of the kernel's uapi.
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    /// `struct cachestat` (page counts).
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        cache: u64,
+        dirty: u64,
+        writeback: u64,
+        evicted: u64,
+        recently_evicted: u64,
+    }
+    /// The same number on every architecture (the unified syscall table).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    if CACHESTAT_MISSING.load(Ordering::Relaxed) {
+        return None;
+    }
+    let range = Range { off: offset, len: len as u64 };
+    let mut stat = Stat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both live locals
+    // of the layouts it expects, for the duration of the call; the
+    // descriptor is open while `file` is borrowed.
+    let rc = unsafe { libc::syscall(SYS_CACHESTAT, file.as_raw_fd(), &raw const range, &raw mut stat, 0u32) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
+            CACHESTAT_MISSING.store(true, Ordering::Relaxed);
+        }
+        return None;
+    }
+    Some(stat.cache.saturating_mul(page_size()))
+}
+
+/// The page size, which `cachestat(2)` counts in.
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads its integer argument.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).unwrap_or(4096)
 }
 
 /// The outcome of the original batch from that of its split form: an
@@ -316,9 +398,10 @@ fn write_buffered(batch: Batch, direct: impl Fn(&Arc<File>) -> bool) -> Result<O
         .into_iter()
         .map(|req| {
             let Action::Write { data, .. } = &req.action else { unreachable!("checked above") };
+            let piece = buffered_piece(&req.file, req.offset, data.len());
             let mut done = 0;
             while done < data.len() {
-                let rest = &data[done..(done + BUFFERED_WRITE_CHUNK).min(data.len())];
+                let rest = &data[done..(done + piece).min(data.len())];
                 // SAFETY: `rest` is a live, immutable slice for the duration
                 // of this synchronous call; the fd is open (we hold an Arc).
                 let n = unsafe {
@@ -787,6 +870,45 @@ mod tests {
             &[3, 1],
         );
         assert!(joined[0].is_err() && joined[1].is_ok());
+    }
+
+    #[tokio::test]
+    async fn writes_into_cached_pages_go_whole() {
+        use std::os::unix::fs::FileExt;
+        let (dir, file) = scratch_file();
+        let len = BUFFERED_WRITE_CHUNK * 4;
+        // A new file caches nothing: pieces, so that new folios stay small.
+        assert_eq!(buffered_piece(&file, 0, len), BUFFERED_WRITE_CHUNK);
+        file.write_all_at(&vec![1u8; len], 0).unwrap();
+        let Some(cached) = cached_bytes(&file, 0, len) else {
+            // No cachestat(2) here (kernel or seccomp): always pieces.
+            assert_eq!(buffered_piece(&file, 0, len), BUFFERED_WRITE_CHUNK);
+            return;
+        };
+        assert!(cached >= len as u64, "{cached} of {len} bytes cached right after writing them");
+        assert_eq!(buffered_piece(&file, 0, len), len);
+        // Partly cached (it ends past what was written): pieces.
+        assert_eq!(buffered_piece(&file, BUFFERED_WRITE_CHUNK as u64, len), BUFFERED_WRITE_CHUNK);
+        // Small writes are never split either way.
+        assert!(buffered_piece(&file, 0, 4096) >= 4096);
+
+        // Whole on the ring path and inline, and stored as written.
+        let over = Bytes::from((0..=240u8).cycle().take(len).collect::<Vec<u8>>());
+        let (split, pieces) = split_writes(vec![Request::write(&file, 0, over.clone())], |_| false);
+        assert_eq!((split.len(), pieces), (1, None));
+        let engine = UringEngine::start().expect("io_uring available");
+        let out = engine.run(vec![Request::write(&file, 0, over.clone())]).await;
+        assert!(out.into_iter().all(|r| r.is_ok()));
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), over[..]);
+
+        // Evicted (best effort, as above): pieces again.
+        file.sync_all().unwrap();
+        let evicted = (0..20).any(|_| {
+            // SAFETY: plain fadvise(2) on an open descriptor.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            buffered_piece(&file, 0, len) == BUFFERED_WRITE_CHUNK
+        });
+        assert!(evicted, "evicted pages still counted as cached");
     }
 
     #[test]
