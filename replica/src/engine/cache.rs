@@ -1,7 +1,9 @@
 //! Page-cache residency of file ranges (`cachestat(2)`, Linux 6.5+), so the
 //! store can serve large reads of cold data with O_DIRECT (no page-cache
 //! fill, which costs more CPU than the copy itself) and keep serving hot
-//! data from the cache.
+//! data from the cache, and so the io_uring engine can write large
+//! buffered writes into cached pages in one piece (see its
+//! `buffered_piece`).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -20,7 +20,6 @@ use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -217,63 +216,11 @@ fn split_writes(batch: Batch, direct: impl Fn(&Arc<File>) -> bool) -> (Batch, Op
 /// less. Pages evicted between the check and the write only cost a larger
 /// folio.
 fn buffered_piece(file: &File, offset: u64, len: usize) -> usize {
-    if len > BUFFERED_WRITE_CHUNK && cached_bytes(file, offset, len).is_some_and(|c| c >= len as u64) {
+    if len > BUFFERED_WRITE_CHUNK && super::cache::fully_cached(file, offset, len as u64) == Some(true) {
         len
     } else {
         BUFFERED_WRITE_CHUNK
     }
-}
-
-/// Set once `cachestat(2)` turned out missing (a kernel before 6.5) or
-/// refused (a seccomp profile): it is not asked again.
-static CACHESTAT_MISSING: AtomicBool = AtomicBool::new(false);
-
-/// Bytes of the pages covering `len` (> 0) bytes at `offset` of `file`
-/// that are in the page cache now, from `cachestat(2)` (Linux 6.5);
-/// `None` where it cannot tell.
-fn cached_bytes(file: &File, offset: u64, len: usize) -> Option<u64> {
-    /// `struct cachestat_range` of the kernel's uapi.
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    /// `struct cachestat` (page counts).
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        cache: u64,
-        dirty: u64,
-        writeback: u64,
-        evicted: u64,
-        recently_evicted: u64,
-    }
-    /// The same number on every architecture (the unified syscall table).
-    const SYS_CACHESTAT: libc::c_long = 451;
-    if CACHESTAT_MISSING.load(Ordering::Relaxed) {
-        return None;
-    }
-    let range = Range { off: offset, len: len as u64 };
-    let mut stat = Stat::default();
-    // SAFETY: cachestat reads `range` and writes `stat`, both live locals
-    // of the layouts it expects, for the duration of the call; the
-    // descriptor is open while `file` is borrowed.
-    let rc = unsafe { libc::syscall(SYS_CACHESTAT, file.as_raw_fd(), &raw const range, &raw mut stat, 0u32) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
-            CACHESTAT_MISSING.store(true, Ordering::Relaxed);
-        }
-        return None;
-    }
-    Some(stat.cache.saturating_mul(page_size()))
-}
-
-/// The page size, which `cachestat(2)` counts in.
-fn page_size() -> u64 {
-    // SAFETY: sysconf only reads its integer argument.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(size).unwrap_or(4096)
 }
 
 /// The outcome of the original batch from that of its split form: an
@@ -880,12 +827,12 @@ mod tests {
         // A new file caches nothing: pieces, so that new folios stay small.
         assert_eq!(buffered_piece(&file, 0, len), BUFFERED_WRITE_CHUNK);
         file.write_all_at(&vec![1u8; len], 0).unwrap();
-        let Some(cached) = cached_bytes(&file, 0, len) else {
-            // No cachestat(2) here (kernel or seccomp): always pieces.
+        let Some(cached) = super::super::cache::fully_cached(&file, 0, len as u64) else {
+            // No cachestat(2) here: always pieces.
             assert_eq!(buffered_piece(&file, 0, len), BUFFERED_WRITE_CHUNK);
             return;
         };
-        assert!(cached >= len as u64, "{cached} of {len} bytes cached right after writing them");
+        assert!(cached, "pages not cached right after writing them");
         assert_eq!(buffered_piece(&file, 0, len), len);
         // Partly cached (it ends past what was written): pieces.
         assert_eq!(buffered_piece(&file, BUFFERED_WRITE_CHUNK as u64, len), BUFFERED_WRITE_CHUNK);
