@@ -211,6 +211,8 @@ pub struct MemReplica {
     down: AtomicBool,
     /// Counts bytes written (all writes, rebuild ones included).
     pub written: AtomicU64,
+    /// Counts writes sent as [`Replica::fan_out_write_at`].
+    pub fan_out_writes: AtomicU64,
 }
 
 impl MemReplica {
@@ -230,6 +232,7 @@ impl MemReplica {
             incarnation: AtomicU64::new(0),
             down: AtomicBool::new(false),
             written: AtomicU64::new(0),
+            fan_out_writes: AtomicU64::new(0),
         })
     }
 
@@ -315,6 +318,11 @@ impl BlockDevice for MemLink {
 }
 
 impl Replica for MemLink {
+    async fn fan_out_write_at(&self, offset: u64, data: Bytes, fua: bool, generation: u64) -> Result<()> {
+        self.rep.fan_out_writes.fetch_add(1, Ordering::Relaxed);
+        self.write_at(offset, data, fua, generation, None).await
+    }
+
     async fn write_at(
         &self,
         offset: u64,

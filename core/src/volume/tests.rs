@@ -85,6 +85,45 @@ async fn writes_reach_every_replica_and_reads_work() {
     }
 }
 
+/// Writes sent to several replicas are marked as such (replicas answer
+/// those in groups, a cost worth it only where the slowest answer counts);
+/// a volume with one healthy replica writes plainly.
+#[tokio::test]
+async fn only_writes_sent_to_several_replicas_fan_out() {
+    let fanned = |c: &MemConnector, a: &str| c.get(a).fan_out_writes.load(Ordering::Relaxed);
+    let (c, addrs) = connector(1);
+    let v = open(&c, &addrs, 1, opts()).await.unwrap();
+    v.write(0, data(4096, 1), false).await.unwrap();
+    v.write_payload(8192, Payload::Bytes(data(65536, 2)), false).await.unwrap();
+    assert_eq!(fanned(&c, "r0"), 0);
+    assert_eq!(c.get("r0").device().read(8192, 65536).await.unwrap(), data(65536, 2));
+
+    let (c, addrs) = connector(3);
+    let v = open(&c, &addrs, 1, opts()).await.unwrap();
+    v.write(0, data(4096, 3), false).await.unwrap();
+    v.write_payload(8192, Payload::Bytes(data(65536, 4)), false).await.unwrap();
+    for a in &addrs {
+        assert_eq!(fanned(&c, a), 2, "{a}");
+        assert_eq!(c.get(a).device().read(8192, 65536).await.unwrap(), data(65536, 4));
+    }
+    // Two of three left: still several. (The write that finds one gone
+    // may or may not have fanned out, by when the heartbeat noticed.)
+    c.get("r2").kill();
+    v.write(0, data(4096, 5), false).await.unwrap();
+    wait_for("r2 out", || v.healthy_count() == 2).await;
+    let before = (fanned(&c, "r0"), fanned(&c, "r1"));
+    v.write(0, data(4096, 6), false).await.unwrap();
+    assert_eq!((fanned(&c, "r0"), fanned(&c, "r1")), (before.0 + 1, before.1 + 1));
+    // One left: plain again.
+    c.get("r1").kill();
+    v.write(0, data(4096, 7), false).await.unwrap();
+    wait_for("r1 out", || v.healthy_count() == 1).await;
+    let before = fanned(&c, "r0");
+    v.write(0, data(4096, 8), false).await.unwrap();
+    assert_eq!(fanned(&c, "r0"), before);
+    assert_eq!(v.read(0, 4096).await.unwrap(), data(4096, 8));
+}
+
 #[tokio::test]
 async fn a_failed_replica_is_excluded_before_the_ack_and_rebuilt_incrementally() {
     let (c, addrs) = connector(3);
