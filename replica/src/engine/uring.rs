@@ -27,7 +27,7 @@ use std::time::Duration;
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 use tokio::sync::oneshot;
 
-use super::{Action, Batch, Completion, Outcome, Request, failed};
+use super::{Action, Batch, Completion, Outcome, Request, cache, failed};
 
 /// Submission queue entries; the completion queue is twice as large.
 const RING_ENTRIES: u32 = 256;
@@ -216,7 +216,7 @@ fn split_writes(batch: Batch, direct: impl Fn(&Arc<File>) -> bool) -> (Batch, Op
 /// less. Pages evicted between the check and the write only cost a larger
 /// folio.
 fn buffered_piece(file: &File, offset: u64, len: usize) -> usize {
-    if len > BUFFERED_WRITE_CHUNK && super::cache::fully_cached(file, offset, len as u64) == Some(true) {
+    if len > BUFFERED_WRITE_CHUNK && cache::fully_cached(file, offset, len as u64) == Some(true) {
         len
     } else {
         BUFFERED_WRITE_CHUNK
@@ -827,7 +827,7 @@ mod tests {
         // A new file caches nothing: pieces, so that new folios stay small.
         assert_eq!(buffered_piece(&file, 0, len), BUFFERED_WRITE_CHUNK);
         file.write_all_at(&vec![1u8; len], 0).unwrap();
-        let Some(cached) = super::super::cache::fully_cached(&file, 0, len as u64) else {
+        let Some(cached) = cache::fully_cached(&file, 0, len as u64) else {
             // No cachestat(2) here: always pieces.
             assert_eq!(buffered_piece(&file, 0, len), BUFFERED_WRITE_CHUNK);
             return;
