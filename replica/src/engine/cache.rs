@@ -28,7 +28,8 @@ struct Stat {
     nr_recently_evicted: u64,
 }
 
-/// Cleared once the kernel says it has no `cachestat`.
+/// Cleared once the kernel says it has no `cachestat`, or a seccomp
+/// filter refuses it.
 static SUPPORTED: AtomicBool = AtomicBool::new(true);
 
 /// Whether every page of `offset..offset + len` of `file` is in the page
@@ -46,7 +47,7 @@ pub fn fully_cached(file: &File, offset: u64, len: u64) -> Option<bool> {
     // of the layout the kernel expects; the descriptor is open (borrowed).
     let rc = unsafe { libc::syscall(SYS_CACHESTAT, file.as_raw_fd(), &raw const range, &raw mut stat, 0u32) };
     if rc != 0 {
-        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        if std::io::Error::last_os_error().raw_os_error().is_some_and(refused_for_good) {
             SUPPORTED.store(false, Ordering::Relaxed);
         }
         return None;
@@ -54,6 +55,15 @@ pub fn fully_cached(file: &File, offset: u64, len: u64) -> Option<bool> {
     let page = 4096u64;
     let pages = (offset + len).div_ceil(page) - offset / page;
     Some(stat.nr_cache >= pages)
+}
+
+/// Whether a `cachestat` error means no call will ever succeed here: the
+/// kernel has none (ENOSYS), or a seccomp filter refuses unknown system
+/// calls (container runtimes answer EPERM or ENOSYS). Errors about one
+/// file or range (EBADF, EINVAL, EOPNOTSUPP for hugetlbfs) say nothing
+/// about the next call.
+fn refused_for_good(errno: i32) -> bool {
+    matches!(errno, libc::ENOSYS | libc::EPERM)
 }
 
 #[cfg(test)]
@@ -75,5 +85,14 @@ mod tests {
         };
         assert!(hot, "just-written pages are in the page cache");
         assert_eq!(fully_cached(&f, 0, 1 << 20), Some(false), "the untouched tail is not cached");
+    }
+
+    #[test]
+    fn only_errors_about_the_call_itself_stop_the_asking() {
+        assert!(refused_for_good(libc::ENOSYS));
+        assert!(refused_for_good(libc::EPERM), "seccomp's answer in many container runtimes");
+        for per_file in [libc::EBADF, libc::EINVAL, libc::EOPNOTSUPP, libc::EFAULT] {
+            assert!(!refused_for_good(per_file), "errno {per_file} is about one file or range");
+        }
     }
 }
