@@ -19,6 +19,7 @@ pub mod remote;
 pub mod replica;
 pub mod shm;
 pub mod size;
+pub mod spare;
 pub mod splice;
 pub mod vectored;
 pub mod view;

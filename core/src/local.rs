@@ -38,7 +38,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::device::BLOCK_SIZE;
 use crate::pipe::cvt;
@@ -54,6 +54,7 @@ pub const INLINE_LOCAL_READ: usize = 256 * 1024;
 const BS: usize = BLOCK_SIZE as usize;
 const REC: usize = RECORD_SIZE as usize;
 const MAX_BLOCKS: usize = MAX_LOCAL_READ / BS;
+
 /// Seals a word's memfd carries: it cannot shrink (a mapped page past the
 /// end would fault) or grow, and the seals cannot change.
 const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
@@ -216,7 +217,7 @@ impl LocalFiles {
         let mut records = vec![0u8; MAX_BLOCKS * REC];
         read_records(head, first, &mut records[..count * REC])?;
         let held = |rec: &[u8]| decode_record(rec).is_ok_and(|r| r.is_allocated() && !r.is_zero());
-        let mut data = BytesMut::with_capacity(len);
+        let mut data = crate::spare::take(len);
         if records[..count * REC].chunks_exact(REC).all(held) {
             // SAFETY: the spare capacity is `len` writable bytes that
             // nothing else refers to; preadv2 writes at most that many.

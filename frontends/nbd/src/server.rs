@@ -890,7 +890,14 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                     let direct = Arc::clone(direct);
                     let head = std::mem::take(&mut msg.head);
                     tokio::task::spawn_blocking(move || {
-                        jiva_core::vectored::send_frame_blocking(direct.fd(), &head, &data, direct.closed())
+                        let sent = jiva_core::vectored::send_frame_blocking(
+                            direct.fd(),
+                            &head,
+                            &data,
+                            direct.closed(),
+                        );
+                        jiva_core::spare::recycle(data);
+                        sent
                     })
                     .await
                     .map_err(io::Error::other)??;
@@ -1039,11 +1046,19 @@ fn send_at_once<D: BlockDevice>(
     };
     let (head, data) = conn.reply_ok(req, Some(data));
     let Some(_turn) = direct.take_blocking() else { return true };
-    let data = data.as_deref().unwrap_or_default();
-    if let Err(e) = jiva_core::vectored::send_frame_blocking(direct.fd(), &head, data, direct.closed()) {
+    let sent = jiva_core::vectored::send_frame_blocking(
+        direct.fd(),
+        &head,
+        data.as_deref().unwrap_or_default(),
+        direct.closed(),
+    );
+    if let Err(e) = sent {
         // Maybe cut short: nothing may follow part of a frame.
         debug!(error = %e, "sending a READ reply failed");
         direct.abort();
+    }
+    if let Some(data) = data {
+        jiva_core::spare::recycle(data);
     }
     true
 }
