@@ -53,7 +53,6 @@ pub const INLINE_LOCAL_READ: usize = 256 * 1024;
 
 const BS: usize = BLOCK_SIZE as usize;
 const REC: usize = RECORD_SIZE as usize;
-const MAX_BLOCKS: usize = MAX_LOCAL_READ / BS;
 
 /// Seals a word's memfd carries: it cannot shrink (a mapped page past the
 /// end would fault) or grow, and the seals cannot change.
@@ -214,11 +213,11 @@ impl LocalFiles {
         }
         let (first, count) = (offset / BS as u64, len / BS);
         let head = &self.layers[0];
-        let mut records = vec![0u8; MAX_BLOCKS * REC];
-        read_records(head, first, &mut records[..count * REC])?;
+        let mut records = vec![0u8; count * REC];
+        read_records(head, first, &mut records)?;
         let held = |rec: &[u8]| decode_record(rec).is_ok_and(|r| r.is_allocated() && !r.is_zero());
         let mut data = crate::spare::take(len);
-        if records[..count * REC].chunks_exact(REC).all(held) {
+        if records.chunks_exact(REC).all(held) {
             // SAFETY: the spare capacity is `len` writable bytes that
             // nothing else refers to; preadv2 writes at most that many.
             let got = unsafe {
